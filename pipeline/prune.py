@@ -69,6 +69,9 @@ def drop_sublayers_inplace(model, attention: list[int], mlp: list[int]):
     for i, layer in enumerate(layers):
         if not isinstance(layer, _PrunableLayerMixin):
             layer.__class__ = _prunable_class(type(layer))
+        # transformers' output recorders restore a patched forward as an instance attribute, which
+        # would shadow the class's forward after any call with output_hidden_states=True.
+        layer.__dict__.pop("forward", None)
         if i in attention:
             setattr(layer, ad.attention, None)
             setattr(layer, ad.attention_norm, None)

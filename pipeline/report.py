@@ -1,0 +1,90 @@
+"""Human-facing output of a run: the importance plot (PNG) and report.md, original vs compressed.
+
+Everything here reads artifacts (Scores, DropPlan, the validation report dict) and writes files;
+no measurement happens here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .artifacts import DropPlan, Scores
+
+
+def plot_importance(scores: Scores, plan: DropPlan | None, path: Path) -> Path:
+    """Per-layer importance of attention, MLP and whole blocks; dropped sublayers marked with x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = range(scores.num_layers)
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
+    for kind, style in (("attention", "o-"), ("mlp", "s-"), ("block", "^--")):
+        ax.plot(layers, getattr(scores, kind), style, label=kind, markersize=4)
+    if plan is not None:
+        for kind, dropped, color in (("attention", plan.attention, "C0"), ("mlp", plan.mlp, "C1")):
+            if dropped:
+                ax.scatter(dropped, [getattr(scores, kind)[i] for i in dropped], marker="x", s=90,
+                           color="red", zorder=5, label=f"dropped {kind}")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("importance  1 - cos(X, Y)  (log)")
+    ax.set_title(f"Sublayer importance, {scores.model} ({scores.tokens} calibration tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+_ROWS = (
+    ("file size (MB)", "file_mb", "{:.1f}"),
+    ("parameters (M)", "params_m", "{:.2f}"),
+    ("attention layers with KV cache", "kv_layers", "{:d}"),
+    ("KV cache per token (KB)", "kv_kb_per_token", "{:.1f}"),
+    ("held-out perplexity", "perplexity", "{:.3f}"),
+    ("multiple-choice accuracy", "mc_accuracy", "{:.3f}"),
+    ("prefill ms", "prefill_ms", "{:.1f}"),
+    ("decode ms/token p50", "decode_p50_ms", "{:.2f}"),
+    ("decode ms/token p90", "decode_p90_ms", "{:.2f}"),
+    ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+)
+
+
+def _fmt(fmt: str, value) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _ratio(a, b) -> str:
+    return f"{b / a:.3f}x" if a and b is not None else ""
+
+
+def markdown(name: str, plan: DropPlan, validation: dict) -> str:
+    orig, comp = validation["models"]["original"], validation["models"]["compressed"]
+    lines = [f"# slimformer run: {name}", "",
+             f"**Verdict: {'PASSED' if validation['passed'] else 'FAILED'}**", "",
+             f"Dropped by `{plan.method}`: attention sublayers {list(plan.attention) or 'none'}, "
+             f"MLP sublayers {list(plan.mlp) or 'none'} (of {plan.num_layers} layers).", "",
+             "| | original | compressed | compressed / original |", "|---|---:|---:|---:|"]
+    for label, key, fmt in _ROWS:
+        lines.append(f"| {label} | {_fmt(fmt, orig.get(key))} | {_fmt(fmt, comp.get(key))} | "
+                     f"{_ratio(orig.get(key), comp.get(key))} |")
+    p = validation["parity"]
+    lines += ["", "## ONNX vs PyTorch parity (compressed model)", "",
+              f"Left-padded batch of {p['batch']}, prefill + {p['decode_steps']} greedy decode steps: "
+              f"max abs logit error {p['max_abs_error']:.2e}, mean {p['mean_abs_error']:.2e}, "
+              f"top-1 agreement {p['top1_agreement']:.3f}.", "", "## Gates", ""]
+    gates = validation["gates"]
+    lines += [f"- {'PASS' if g['passed'] else 'FAIL'} `{g['name']}`: measured {g['value']:.4g}, limit {g['limit']:.4g}"
+              for g in gates] or ["No gates set in the recipe."]
+    s = validation["settings"]
+    lines += ["", "## How this was measured", "",
+              f"onnxruntime {s.get('onnxruntime', '?')} on the host CPU, {s['threads']} threads. Perplexity: "
+              f"{s['perplexity_tokens']} held-out tokens; multiple choice: {s['mc_items']} items (true next "
+              f"sentence vs 3 from another text, mean log-probability; chance 0.25). Prefill: "
+              f"{s['prefill_tokens']} tokens; decode: {s['decode_steps']} steps with {s['decode_context']} "
+              "tokens cached. Peak RSS: a separate process that loads the model and runs the latency test.",
+              "", "![importance](importance.png)", ""]
+    return "\n".join(lines)
