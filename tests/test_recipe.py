@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import yaml
+
+from pipeline.errors import RecipeError
+from pipeline.recipe import Recipe, check_against_model, load_recipe, parse_recipe
+
+
+def write(tmp_path, data, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def test_default_recipe_parses_and_fills_defaults():
+    r = load_recipe("recipes/smollm2-135m.yaml")
+    resolved = r.resolved()
+    assert resolved["drop"]["attention"] == r.drop.attention > 0
+    assert resolved["validate"]["latency"]["threads"] == 2
+    assert parse_recipe(resolved) == r  # the resolved copy round-trips
+
+
+def test_every_problem_reported_with_its_path(tmp_path):
+    p = write(tmp_path, {"name": "x", "drop": {"attention": "many", "bogus": 1},
+                         "validate": {"gates": {"min_top1_agreement": 2}}, "extra_block": {}})
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert len(e.value.problems) == 4
+    assert "drop.attention" in msg and "drop.bogus: unknown key 'bogus'" in msg
+    assert "allowed here: joint, attention, mlp, blocks" in msg
+    assert "validate.gates.min_top1_agreement" in msg and "extra_block" in msg
+
+
+def test_source_needs_path_and_methods_exclusive(tmp_path):
+    with pytest.raises(RecipeError, match="source 'hf' needs 'path'"):
+        parse_recipe({"name": "x", "model": {"source": "hf"}})
+    with pytest.raises(RecipeError, match="'joint' ranks every sublayer together"):
+        parse_recipe({"name": "x", "drop": {"joint": 2, "attention": 1}})
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "name: [unclosed"))
+    with pytest.raises(RecipeError, match="file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="expected a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_paths_are_relative_to_the_recipe(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("hello")
+    r = load_recipe(write(tmp_path, {"name": "x", "calibration": {"files": ["data/a.txt"]}}))
+    assert r.calibration.files[0] == (tmp_path / "data" / "a.txt").resolve()
+
+
+def test_checks_against_model_shape(tmp_path):
+    r = parse_recipe({"name": "x", "drop": {"attention": 31}, "model": {"source": "hf", "path": str(tmp_path / "m")},
+                      "calibration": {"files": [str(tmp_path / "missing.txt")]}})
+    with pytest.raises(RecipeError) as e:
+        check_against_model(r, num_layers=30)
+    problems = "\n".join(e.value.problems)
+    assert "drop.attention: 31 requested but the model has only 30" in problems
+    assert "missing.txt does not exist" in problems and "model.path" in problems
+    with pytest.raises(RecipeError, match="every attention layer"):
+        check_against_model(parse_recipe({"name": "x", "drop": {"attention": 30}}), num_layers=30)
+    check_against_model(parse_recipe({"name": "x", "drop": {"attention": 29}}), num_layers=30)
+
+
+def test_schema_is_strict_and_documented():
+    schema = Recipe.model_json_schema(by_alias=True)
+    assert set(schema["properties"]) == {"name", "model", "calibration", "score", "drop", "export", "validate", "output"}
+    drop = schema["$defs"]["DropSpec"]
+    assert drop["additionalProperties"] is False
+    assert all("description" in f for f in drop["properties"].values())
+    json.dumps(schema)
