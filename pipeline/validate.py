@@ -1,0 +1,142 @@
+"""Validation in onnxruntime: original vs compressed ONNX on held-out text, plus ONNX-vs-PyTorch parity.
+
+Every model is measured by `pipeline.ort_runner` in a child process (so peak RSS is that of a process
+that only runs the model, and the same runner can later run on other targets); this module prepares
+the inputs, reads the results back, and applies the recipe's gates.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SlimformerError
+from .recipe import GateSpec, ValidateSpec
+
+RUNNER_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Token-level evaluation inputs, all from the held-out split."""
+
+    windows: np.ndarray          # [n, seq] perplexity windows
+    mc_items: list               # [(context_ids, [choice_ids...], answer)]
+    parity_ids: np.ndarray       # [batch, seq] left-padded
+    parity_mask: np.ndarray
+
+
+def prepare_eval_data(tokenizer, spec: ValidateSpec) -> EvalData:
+    from .corpus import distractor_text, evaluation_text, multiple_choice_items, token_windows
+
+    text = evaluation_text(spec.files)
+    windows = token_windows(tokenizer, [text], spec.perplexity_windows, spec.seq_len)
+    items = multiple_choice_items(text, distractor_text(spec.distractor_files), spec.mc_items, spec.seed)
+
+    def encode(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    mc = [(encode(it.context), [encode(" " + c) for c in it.choices], it.answer) for it in items]
+    # Parity batch: three held-out snippets of different lengths, left-padded like a real app batch.
+    lengths = (24, 13, 19)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = np.full((len(lengths), max(lengths)), pad, np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = windows[row % len(windows), :n]
+        mask[row, -n:] = 1
+    return EvalData(windows=windows, mc_items=mc, parity_ids=ids, parity_mask=mask)
+
+
+def _run_runner(onnx_path: Path, out: Path, flags: list[str], inputs: Path | None, spec: ValidateSpec) -> dict:
+    lat = spec.latency
+    cmd = [sys.executable, "-m", "pipeline.ort_runner", str(onnx_path), "--out", str(out),
+           "--threads", str(lat.threads), "--prefill-tokens", str(lat.prefill_tokens),
+           "--decode-context", str(lat.decode_context), "--decode-steps", str(lat.decode_steps), *flags]
+    if inputs is not None:
+        cmd += ["--inputs", str(inputs)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUNNER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise SlimformerError(f"onnxruntime runner on {onnx_path} took over {RUNNER_TIMEOUT_S} s; "
+                              "lower validate.perplexity_windows / mc_items") from None
+    if proc.returncode != 0:
+        raise SlimformerError(f"onnxruntime runner failed on {onnx_path}:\n{proc.stderr[-2000:]}")
+    return json.loads(out.read_text())
+
+
+def measure_onnx(onnx_path: Path, inputs: Path, workdir: Path, spec: ValidateSpec, tag: str) -> dict:
+    """Accuracy figures (and the parity trace) in one child process, latency and peak RSS in another."""
+    acc = _run_runner(onnx_path, workdir / f"{tag}.accuracy.json", ["--perplexity", "--mc", "--trace"], inputs, spec)
+    lat = _run_runner(onnx_path, workdir / f"{tag}.latency.json", ["--latency"], None, spec)
+    files = [onnx_path, *onnx_path.parent.glob(onnx_path.name + "*.data"), *onnx_path.parent.glob("*.onnx_data")]
+    return {
+        "file_mb": sum(f.stat().st_size for f in set(files)) / 1e6,
+        "kv_layers": acc["kv_layers"],
+        "kv_kb_per_token": acc["kv_bytes_per_token"] / 1024,
+        "perplexity": acc["perplexity"]["perplexity"],
+        "perplexity_tokens": acc["perplexity"]["tokens"],
+        "mc_accuracy": acc["multiple_choice"]["accuracy"],
+        "prefill_ms": lat["latency"]["prefill_ms"],
+        "decode_p50_ms": lat["latency"]["decode_ms_p50"],
+        "decode_p90_ms": lat["latency"]["decode_ms_p90"],
+        "peak_rss_mb": lat["peak_rss_mb"],
+        "onnxruntime": lat["onnxruntime"],
+        "trace_npz": acc["trace"]["npz"],
+    }
+
+
+def evaluate_gates(gates: GateSpec, original: dict, compressed: dict, parity: dict) -> list[dict]:
+    """Each gate set in the recipe becomes {name, value, limit, passed}."""
+    measured = {
+        "max_perplexity_increase_pct": (100 * (compressed["perplexity"] / original["perplexity"] - 1), "<="),
+        "max_mc_accuracy_drop": (original["mc_accuracy"] - compressed["mc_accuracy"], "<="),
+        "min_top1_agreement": (parity["top1_agreement"], ">="),
+        "max_abs_logit_error": (parity["max_abs_error"], "<="),
+    }
+    results = []
+    for name, limit in gates.model_dump().items():
+        if limit is None:
+            continue
+        value, op = measured[name]
+        results.append({"name": name, "value": float(value), "limit": float(limit),
+                        "passed": bool(value <= limit if op == "<=" else value >= limit)})
+    return results
+
+
+def gate_failures(validation: dict) -> list[str]:
+    return [f"{g['name']}: measured {g['value']:.4g}, limit {g['limit']:.4g}"
+            for g in validation["gates"] if not g["passed"]]
+
+
+def validate(original_onnx: Path, compressed_onnx: Path, original_model, pruned_model, data: EvalData,
+             spec: ValidateSpec, workdir: Path) -> dict:
+    """Measure both ONNX files and the compressed one's parity with PyTorch; return the report dict."""
+    from .ort_runner import save_inputs
+    from .reference import compare_traces, torch_greedy_trace
+
+    inputs = workdir / "eval_inputs.npz"
+    save_inputs(inputs, windows=data.windows, trace_input_ids=data.parity_ids,
+                trace_attention_mask=data.parity_mask, trace_steps=spec.parity_decode_steps, mc_items=data.mc_items)
+    models = {}
+    for tag, path, model in (("original", original_onnx, original_model), ("compressed", compressed_onnx, pruned_model)):
+        figures = measure_onnx(Path(path), inputs, workdir, spec, tag)
+        figures["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        models[tag] = figures
+    reference, _ = torch_greedy_trace(pruned_model, data.parity_ids, data.parity_mask, spec.parity_decode_steps)
+    onnx_trace = list(np.load(models["compressed"].pop("trace_npz"))["logits"])
+    models["original"].pop("trace_npz")
+    parity = {**compare_traces(reference, onnx_trace), "batch": int(len(data.parity_ids)),
+              "decode_steps": spec.parity_decode_steps}
+    gates = evaluate_gates(spec.gates, models["original"], models["compressed"], parity)
+    settings = {"threads": spec.latency.threads, "prefill_tokens": spec.latency.prefill_tokens,
+                "decode_context": spec.latency.decode_context, "decode_steps": spec.latency.decode_steps,
+                "perplexity_tokens": models["compressed"]["perplexity_tokens"], "mc_items": len(data.mc_items),
+                "onnxruntime": models["compressed"]["onnxruntime"]}
+    return {"models": models, "parity": parity, "gates": gates,
+            "passed": all(g["passed"] for g in gates), "settings": settings}
