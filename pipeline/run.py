@@ -36,7 +36,6 @@ def load(recipe: Recipe):
     from .adapters import decoder_layers
     from .models import load_model
 
-    check_against_model(recipe)  # missing files fail before the slow model load
     loaded = load_model(recipe.model.source, name=recipe.model.name, path=recipe.model.path)
     check_against_model(recipe, num_layers=len(decoder_layers(loaded.model)))
     return loaded
@@ -95,7 +94,10 @@ def run(recipe: Recipe) -> Path:
     from .rundir import new_run_path, sha256_json, staged_folder, write_manifest
     from .validate import gate_failures, prepare_eval_data, validate
 
-    check_disjoint(recipe.calibration.files, recipe.validate_.files)
+    check_against_model(recipe)  # missing files fail before any download or model load
+    v = recipe.validate_
+    check_disjoint(recipe.calibration.files,
+                   None if v.files is None and v.distractor_files is None else [*(v.files or []), *(v.distractor_files or [])])
     with _stage("load model"):
         loaded = load(recipe)
     final = new_run_path(recipe.output.dir, recipe.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
@@ -41,25 +42,35 @@ def library_versions() -> dict[str, str]:
 
 @contextmanager
 def staged_folder(final: Path):
-    """Yield a temporary sibling of `final`; rename it to `final` if the block completes, else delete it."""
+    """Yield an empty temporary sibling of `final`, renamed to `final` only if the block completes.
+
+    On any exception (Ctrl-C included) the temporary folder is deleted. If another process finished
+    `final` first, ours is discarded: callers give runs unique names, and cache entries built from the
+    same inputs are interchangeable.
+    """
     final = Path(final)
-    if final.exists():
-        raise FileExistsError(f"{final} already exists")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # A sibling, so that the rename stays on one filesystem and is atomic.
+    work = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    tmp.rename(final)
+        yield work
+        try:
+            work.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def new_run_path(output_dir: Path, name: str) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return Path(output_dir) / f"{name}-{stamp}"
+    path, n = Path(output_dir) / f"{name}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = Path(output_dir) / f"{name}-{stamp}-{n}"
+    return path
 
 
 def write_manifest(folder: Path, extra: dict) -> Path:

