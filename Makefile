@@ -27,7 +27,7 @@ test-slow: assets
 	$(BIN)/python -m pytest -q -m slow
 
 bench: assets
-	$(BIN)/slimformer sweep $(RECIPE) --out runs/sweep.json
+	$(BIN)/slimformer sweep recipes/smollm2-135m-sweep.yaml --out runs/sweep.json
 
 schema: setup
 	$(BIN)/slimformer schema > recipe.schema.json

@@ -212,7 +212,16 @@ def load_mc_items(data) -> list:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is KB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far.
+
+    Linux: VmHWM, because ru_maxrss survives execve and would report the parent's peak in a child
+    started by a large Python process. Elsewhere ru_maxrss (KB on Linux, bytes on macOS).
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)[1]) / 2**10
+    except (OSError, TypeError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

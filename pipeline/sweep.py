@@ -1,8 +1,8 @@
 """What matters, measured: held-out perplexity and multiple-choice accuracy vs sublayers dropped.
 
 One scoring pass, then for each variant (attention, mlp, blocks, joint) and count, a one-shot drop
-measured in PyTorch on the recipe's held-out data; attention-only points are also exported and
-timed in onnxruntime beside the undropped model, in the same run.
+measured in PyTorch on the recipe's held-out data. Attention-only points are also exported to ONNX
+and timed in onnxruntime with the undropped model, interleaved in rounds so machine noise hits all alike.
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .recipe import Recipe
+
+LATENCY_ROUNDS = 3
 
 
 def accuracy_figures(model, data) -> dict:
@@ -25,18 +29,21 @@ def accuracy_figures(model, data) -> dict:
             "mc_accuracy": multiple_choice(lm, data.mc_items)["accuracy"]}
 
 
-def decode_latency(model, opset: int, spec) -> dict:
-    from .export_onnx import export_onnx
+def interleaved_decode_latency(paths: list[Path], spec, rounds: int = LATENCY_ROUNDS) -> list[float]:
+    """Median decode ms/token p50 per file, measuring every file once per round."""
     from .ort_runner import OnnxLM, latency
 
-    with tempfile.TemporaryDirectory() as tmp:
-        exported = export_onnx(model, Path(tmp), opset=opset)
-        lat = latency(OnnxLM(exported.path, threads=spec.threads), spec.prefill_tokens, spec.decode_context,
-                      spec.decode_steps)
-    return {"decode_p50_ms": lat["decode_ms_p50"], "prefill_ms": lat["prefill_ms"]}
+    samples = [[] for _ in paths]
+    for _ in range(rounds):
+        for i, path in enumerate(paths):
+            lat = latency(OnnxLM(path, threads=spec.threads), spec.prefill_tokens, spec.decode_context,
+                          spec.decode_steps)
+            samples[i].append(lat["decode_ms_p50"])
+    return [float(np.median(s)) for s in samples]
 
 
 def sweep(recipe: Recipe, counts: list[int], variants: list[str], out: str | None = None) -> list[dict]:
+    from .export_onnx import export_onnx
     from .plan import plan_drop
     from .prune import drop_sublayers
     from .run import load, score
@@ -45,27 +52,30 @@ def sweep(recipe: Recipe, counts: list[int], variants: list[str], out: str | Non
     loaded = load(recipe)
     scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
     data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
-    lat_spec = recipe.validate_.latency
-    base = {"variant": "none", "dropped": 0, **accuracy_figures(loaded.model, data),
-            **decode_latency(loaded.model, recipe.export.opset, lat_spec)}
-    rows = [base]
-    _print_row(base, base)
-    for variant in variants:
-        for n in (c for c in counts if c > 0):
-            if n > (2 * scores.num_layers if variant == "joint" else scores.num_layers - 1):
-                continue
-            start = time.perf_counter()
-            plan = plan_drop(scores, **{variant: n})
-            pruned = drop_sublayers(loaded.model, list(plan.attention), list(plan.mlp))
-            row = {"variant": variant, "dropped": n, "attention_dropped": list(plan.attention),
-                   "mlp_dropped": list(plan.mlp), **accuracy_figures(pruned, data)}
-            if variant == "attention":
-                row.update(decode_latency(pruned, recipe.export.opset, lat_spec))
-            row["seconds"] = round(time.perf_counter() - start, 1)
-            rows.append(row)
-            _print_row(row, base)
+    rows = [{"variant": "none", "dropped": 0, **accuracy_figures(loaded.model, data)}]
+    _print_row(rows[0], rows[0])
+    with tempfile.TemporaryDirectory(prefix="slimformer-sweep-") as tmp:
+        timed = {0: export_onnx(loaded.model, Path(tmp) / "0", recipe.export.opset).path}
+        for variant in variants:
+            for n in (c for c in counts if c > 0):
+                if n > (2 * scores.num_layers if variant == "joint" else scores.num_layers - 1):
+                    continue
+                start = time.perf_counter()
+                plan = plan_drop(scores, **{variant: n})
+                pruned = drop_sublayers(loaded.model, list(plan.attention), list(plan.mlp))
+                row = {"variant": variant, "dropped": n, "attention_dropped": list(plan.attention),
+                       "mlp_dropped": list(plan.mlp), **accuracy_figures(pruned, data)}
+                if variant == "attention":
+                    timed[len(rows)] = export_onnx(pruned, Path(tmp) / str(n), recipe.export.opset).path
+                row["seconds"] = round(time.perf_counter() - start, 1)
+                rows.append(row)
+                _print_row(row, rows[0])
+        print(f"timing {len(timed)} ONNX files, {LATENCY_ROUNDS} interleaved rounds ...", file=sys.stderr, flush=True)
+        for index, ms in zip(timed, interleaved_decode_latency(list(timed.values()), recipe.validate_.latency)):
+            rows[index]["decode_p50_ms"] = ms
     if out:
-        Path(out).write_text(json.dumps({"model": loaded.description, "rows": rows,
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"model": loaded.description, "scores": scores.to_json(), "rows": rows,
                                          "settings": recipe.validate_.model_dump(mode="json")}, indent=2))
     print(markdown_table(rows))
     return rows
@@ -73,8 +83,7 @@ def sweep(recipe: Recipe, counts: list[int], variants: list[str], out: str | Non
 
 def _print_row(row: dict, base: dict) -> None:
     print(f"{row['variant']:>9} {row['dropped']:>3}  ppl {row['perplexity']:8.3f} "
-          f"({100 * (row['perplexity'] / base['perplexity'] - 1):+6.1f} %)  mc {row['mc_accuracy']:.3f}"
-          + (f"  decode {row['decode_p50_ms']:.2f} ms" if "decode_p50_ms" in row else ""),
+          f"({100 * (row['perplexity'] / base['perplexity'] - 1):+6.1f} %)  mc {row['mc_accuracy']:.3f}",
           file=sys.stderr, flush=True)
 
 
@@ -84,9 +93,8 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dec = r.get("decode_p50_ms")
+        timing = "| |" if dec is None else f"| {dec:.2f} | {dec / base['decode_p50_ms']:.2f}x |"
         lines.append(
             f"| {r['variant']} | {r['dropped']} | {r['perplexity']:.2f} | "
-            f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f} % | {r['mc_accuracy']:.3f} | "
-            f"{'' if dec is None else f'{dec:.2f}'} | "
-            f"{'' if dec is None else f'{dec / base['decode_p50_ms']:.2f}x'} |")
+            f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f} % | {r['mc_accuracy']:.3f} {timing}")
     return "\n".join(lines)

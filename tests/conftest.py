@@ -49,3 +49,66 @@ def left_padded_batch(vocab: int = 256, lengths=(9, 5, 7), pad_id: int = 0, seed
         ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[row, width - n:] = 1
     return ids, mask
+
+
+WORDS = ("the king queen castle river night day light dark old young brave wise fool speaks answers "
+         "walks sees hears loves fears keeps leaves finds a his her their our my this that good ill "
+         "sword crown letter field storm sea ship land town gate hall friend enemy father mother son "
+         "daughter and but so then yet when while after before slowly quickly never always again").split()
+
+
+def synthetic_text(seed: int, paragraphs: int = 60) -> str:
+    """Deterministic English-like prose: paragraphs of 4-6 sentences of 6-14 words."""
+    import random
+
+    rng = random.Random(seed)
+    paras = []
+    for _ in range(paragraphs):
+        sentences = []
+        for _ in range(rng.randint(4, 6)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(6, 14))]
+            sentences.append(" ".join(words).capitalize() + ".")
+        paras.append(" ".join(sentences))
+    return "\n\n".join(paras) + "\n"
+
+
+def save_tiny_folder(folder, arch: str = "llama", texts=()):
+    """A tiny model plus a word-level tokenizer trained on `texts`, as a Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(
+        vocab_size=TINY["vocab_size"], special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left")
+    tiny_model(arch).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch):
+    """A complete offline project: tiny model folder, calibration/eval/distractor texts, a recipe."""
+    import yaml
+
+    monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path / "home"))
+    texts = {name: synthetic_text(seed) for seed, name in enumerate(("calib", "eval", "distract"))}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    save_tiny_folder(tmp_path / "model", texts=list(texts.values()))
+    recipe = {
+        "name": "tiny",
+        "model": {"source": "hf", "path": "model"},
+        "calibration": {"files": ["calib.txt"], "samples": 4, "seq_len": 32},
+        "drop": {"attention": 1},
+        "validate": {"files": ["eval.txt"], "distractor_files": ["distract.txt"], "perplexity_windows": 2,
+                     "seq_len": 32, "mc_items": 5, "parity_decode_steps": 4,
+                     "latency": {"prefill_tokens": 8, "decode_context": 16, "decode_steps": 4},
+                     "gates": {"min_top1_agreement": 0.99, "max_abs_logit_error": 0.01}},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -1,0 +1,89 @@
+"""End to end on a tiny model: recipe -> scores -> plan -> pruned model -> ONNX -> validation -> run folder."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.errors import GateError
+from pipeline.recipe import load_recipe
+from pipeline.run import run
+from pipeline.rundir import sha256_file
+
+
+def test_run_writes_a_complete_verified_folder(tiny_project):
+    final = run(load_recipe(tiny_project))
+    names = {p.name for p in final.iterdir()}
+    assert {"recipe.yaml", "scores.json", "plan.json", "hf", "onnx", "report.json", "report.md",
+            "importance.png", "manifest.json"} <= names
+    assert not list(final.parent.glob(".*partial*"))
+    report = json.loads((final / "report.json").read_text())
+    orig, comp = report["models"]["original"], report["models"]["compressed"]
+    assert comp["kv_layers"] == orig["kv_layers"] - 1 == 3
+    assert comp["kv_kb_per_token"] == pytest.approx(orig["kv_kb_per_token"] * 3 / 4)
+    assert comp["params_m"] < orig["params_m"] and comp["file_mb"] < orig["file_mb"]
+    for figures in (orig, comp):
+        assert np.isfinite(figures["perplexity"]) and 0 <= figures["mc_accuracy"] <= 1
+        assert 0 < figures["decode_p50_ms"] <= figures["decode_p90_ms"] and figures["peak_rss_mb"] > 0
+    assert report["parity"]["top1_agreement"] == 1.0 and report["passed"]
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["files"]["onnx/model.onnx"]["sha256"] == sha256_file(final / "onnx" / "model.onnx")
+    assert yaml.safe_load((final / "recipe.yaml").read_text())["drop"]["attention"] == 1
+    assert "| KV cache per token (KB) |" in (final / "report.md").read_text()
+
+
+def test_saved_pruned_folder_reloads_identically(tiny_project):
+    import torch
+
+    from pipeline.models import load_model
+    from pipeline.prune import drop_lists
+
+    final = run(load_recipe(tiny_project))
+    plan = json.loads((final / "plan.json").read_text())
+    reloaded = load_model("hf", path=final / "hf").model
+    assert drop_lists(reloaded)["attention"] == plan["attention"]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    from onnxruntime import InferenceSession
+
+    sess = InferenceSession(str(final / "onnx" / "model.onnx"))
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 5), np.int64),
+            "position_ids": np.arange(5)[None]}
+    feed.update({i.name: np.zeros((1, 2, 0, 16), np.float32) for i in sess.get_inputs() if "past" in i.name})
+    with torch.no_grad():
+        ref = reloaded(input_ids=ids).logits.numpy()
+    assert np.abs(sess.run(["logits"], feed)[0] - ref).max() < 1e-4
+
+
+def test_failed_gate_exits_nonzero_and_names_the_gate(tiny_project, capsys):
+    data = yaml.safe_load(tiny_project.read_text())
+    data["drop"] = {"attention": 2}
+    data["validate"]["gates"] = {"max_perplexity_increase_pct": 0.0}
+    tiny_project.write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_project)]) == 3
+    err = capsys.readouterr().err
+    assert "max_perplexity_increase_pct: measured" in err and "limit 0" in err
+    with pytest.raises(GateError):
+        run(load_recipe(tiny_project))
+
+
+def test_too_many_drops_refused_before_any_folder(tiny_project, capsys):
+    data = yaml.safe_load(tiny_project.read_text())
+    data["drop"] = {"attention": 9}
+    tiny_project.write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_project)]) == 2
+    assert "drop.attention: 9 requested but the model has only 4" in capsys.readouterr().err
+    assert not (tiny_project.parent / "runs").exists()
+
+
+def test_sweep_measures_each_variant(tiny_project, tmp_path):
+    from pipeline.sweep import sweep
+
+    rows = sweep(load_recipe(tiny_project), counts=[0, 1, 2], variants=["attention", "blocks"],
+                 out=str(tmp_path / "sweep.json"))
+    assert [(r["variant"], r["dropped"]) for r in rows] == [
+        ("none", 0), ("attention", 1), ("attention", 2), ("blocks", 1), ("blocks", 2)]
+    assert all("decode_p50_ms" in r for r in rows if r["variant"] in ("none", "attention"))
+    assert "decode_p50_ms" not in rows[-1]
+    assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == rows
