@@ -71,14 +71,15 @@ def markdown(name: str, plan: DropPlan, validation: dict) -> str:
     for label, key, fmt in _ROWS:
         lines.append(f"| {label} | {_fmt(fmt, orig.get(key))} | {_fmt(fmt, comp.get(key))} | "
                      f"{_ratio(orig.get(key), comp.get(key))} |")
-    p = validation["parity"]
-    lines += ["", "## ONNX vs PyTorch parity (compressed model)", "",
-              f"Left-padded batch of {p['batch']}, prefill + {p['decode_steps']} greedy decode steps: "
-              f"max abs logit error {p['max_abs_error']:.2e}, mean {p['mean_abs_error']:.2e}, "
-              f"top-1 agreement {p['top1_agreement']:.3f}.", "", "## Gates", ""]
-    gates = validation["gates"]
-    lines += [f"- {'PASS' if g['passed'] else 'FAIL'} `{g['name']}`: measured {g['value']:.4g}, limit {g['limit']:.4g}"
-              for g in gates] or ["No gates set in the recipe."]
+    lines += ["", "## ONNX vs the pruned PyTorch model", "", "| variant | max abs logit error | mean abs | top-1 agreement |",
+              "|---|---:|---:|---:|"]
+    for tag, p in validation["parity"].items():
+        lines.append(f"| {tag} | {p['max_abs_error']:.2e} | {p['mean_abs_error']:.2e} | {p['top1_agreement']:.3f} |")
+    first = next(iter(validation["parity"].values()))
+    lines += ["", f"Left-padded batch of {first['batch']}, prefill + {first['decode_steps']} greedy decode steps.",
+              "", "## Gates", ""]
+    lines += [f"- {'PASS' if g['passed'] else 'FAIL'} {g['variant']} `{g['name']}`: measured {g['value']:.4g}, "
+              f"limit {g['limit']:.4g}" for g in validation["gates"]] or ["No gates set in the recipe."]
     s = validation["settings"]
     lines += ["", "## How this was measured", "",
               f"onnxruntime {s.get('onnxruntime', '?')} on the host CPU, {s['threads']} threads. Perplexity: "

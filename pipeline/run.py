@@ -118,7 +118,8 @@ def run(recipe: Recipe) -> Path:
             work = tmp / "validation"
             work.mkdir()
             data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
-            validation = validate(original_onnx, exported.path, loaded.model, pruned, data, recipe.validate_, work)
+            validation = validate(original_onnx, {"compressed": exported.path}, loaded.model, pruned, data,
+                                  recipe.validate_, work)
         with _stage("report"):
             (tmp / "report.json").write_text(json.dumps({"plan": drop_plan.to_json(), **validation}, indent=2))
             plot_importance(scores, drop_plan, tmp / "importance.png")

@@ -91,11 +91,11 @@ def measure_onnx(onnx_path: Path, inputs: Path, workdir: Path, spec: ValidateSpe
     }
 
 
-def evaluate_gates(gates: GateSpec, original: dict, compressed: dict, parity: dict) -> list[dict]:
-    """Each gate set in the recipe becomes {name, value, limit, passed}."""
+def evaluate_gates(gates: GateSpec, original: dict, candidate: dict, parity: dict, variant: str) -> list[dict]:
+    """Each gate set in `gates` becomes {variant, name, value, limit, passed} for one variant."""
     measured = {
-        "max_perplexity_increase_pct": (100 * (compressed["perplexity"] / original["perplexity"] - 1), "<="),
-        "max_mc_accuracy_drop": (original["mc_accuracy"] - compressed["mc_accuracy"], "<="),
+        "max_perplexity_increase_pct": (100 * (candidate["perplexity"] / original["perplexity"] - 1), "<="),
+        "max_mc_accuracy_drop": (original["mc_accuracy"] - candidate["mc_accuracy"], "<="),
         "min_top1_agreement": (parity["top1_agreement"], ">="),
         "max_abs_logit_error": (parity["max_abs_error"], "<="),
     }
@@ -104,39 +104,44 @@ def evaluate_gates(gates: GateSpec, original: dict, compressed: dict, parity: di
         if limit is None:
             continue
         value, op = measured[name]
-        results.append({"name": name, "value": float(value), "limit": float(limit),
+        results.append({"variant": variant, "name": name, "value": float(value), "limit": float(limit),
                         "passed": bool(value <= limit if op == "<=" else value >= limit)})
     return results
 
 
 def gate_failures(validation: dict) -> list[str]:
-    return [f"{g['name']}: measured {g['value']:.4g}, limit {g['limit']:.4g}"
+    return [f"{g['variant']}: {g['name']}: measured {g['value']:.4g}, limit {g['limit']:.4g}"
             for g in validation["gates"] if not g["passed"]]
 
 
-def validate(original_onnx: Path, compressed_onnx: Path, original_model, pruned_model, data: EvalData,
-             spec: ValidateSpec, workdir: Path) -> dict:
-    """Measure both ONNX files and the compressed one's parity with PyTorch; return the report dict."""
+def validate(original_onnx: Path, variants: dict[str, Path], original_model, pruned_model, data: EvalData,
+             spec: ValidateSpec, workdir: Path, variant_gates: dict[str, GateSpec] | None = None) -> dict:
+    """Measure the original ONNX file and every variant of the compressed model ('compressed' is the fp32
+    one); each variant's logits are compared with the pruned PyTorch model on the parity batch.
+    A variant is gated by `variant_gates[name]` when given, else by the recipe's validate.gates."""
     from .ort_runner import save_inputs
     from .reference import compare_traces, torch_greedy_trace
 
     inputs = workdir / "eval_inputs.npz"
     save_inputs(inputs, windows=data.windows, trace_input_ids=data.parity_ids,
                 trace_attention_mask=data.parity_mask, trace_steps=spec.parity_decode_steps, mc_items=data.mc_items)
-    models = {}
-    for tag, path, model in (("original", original_onnx, original_model), ("compressed", compressed_onnx, pruned_model)):
-        figures = measure_onnx(Path(path), inputs, workdir, spec, tag)
-        figures["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        models[tag] = figures
     reference, _ = torch_greedy_trace(pruned_model, data.parity_ids, data.parity_mask, spec.parity_decode_steps)
-    onnx_trace = list(np.load(models["compressed"].pop("trace_npz"))["logits"])
-    models["original"].pop("trace_npz")
-    parity = {**compare_traces(reference, onnx_trace), "batch": int(len(data.parity_ids)),
-              "decode_steps": spec.parity_decode_steps}
-    gates = evaluate_gates(spec.gates, models["original"], models["compressed"], parity)
+    models, parity, gates = {}, {}, []
+    for tag, path in {"original": original_onnx, **variants}.items():
+        figures = measure_onnx(Path(path), inputs, workdir, spec, tag)
+        trace = list(np.load(figures.pop("trace_npz"))["logits"])
+        figures["params_m"] = sum(p.numel() for p in (original_model if tag == "original" else pruned_model)
+                                  .parameters()) / 1e6
+        models[tag] = figures
+        if tag == "original":
+            continue
+        parity[tag] = {**compare_traces(reference, trace), "batch": int(len(data.parity_ids)),
+                       "decode_steps": spec.parity_decode_steps}
+        gate_spec = (variant_gates or {}).get(tag, spec.gates)
+        gates += evaluate_gates(gate_spec, models["original"], figures, parity[tag], tag)
     settings = {"threads": spec.latency.threads, "prefill_tokens": spec.latency.prefill_tokens,
                 "decode_context": spec.latency.decode_context, "decode_steps": spec.latency.decode_steps,
-                "perplexity_tokens": models["compressed"]["perplexity_tokens"], "mc_items": len(data.mc_items),
-                "onnxruntime": models["compressed"]["onnxruntime"]}
+                "perplexity_tokens": models["original"]["perplexity_tokens"], "mc_items": len(data.mc_items),
+                "onnxruntime": models["original"]["onnxruntime"]}
     return {"models": models, "parity": parity, "gates": gates,
             "passed": all(g["passed"] for g in gates), "settings": settings}

@@ -27,7 +27,7 @@ def test_run_writes_a_complete_verified_folder(tiny_project):
     for figures in (orig, comp):
         assert np.isfinite(figures["perplexity"]) and 0 <= figures["mc_accuracy"] <= 1
         assert 0 < figures["decode_p50_ms"] <= figures["decode_p90_ms"] and figures["peak_rss_mb"] > 0
-    assert report["parity"]["top1_agreement"] == 1.0 and report["passed"]
+    assert report["parity"]["compressed"]["top1_agreement"] == 1.0 and report["passed"]
     manifest = json.loads((final / "manifest.json").read_text())
     assert manifest["files"]["onnx/model.onnx"]["sha256"] == sha256_file(final / "onnx" / "model.onnx")
     assert yaml.safe_load((final / "recipe.yaml").read_text())["drop"]["attention"] == 1
@@ -63,7 +63,7 @@ def test_failed_gate_exits_nonzero_and_names_the_gate(tiny_project, capsys):
     tiny_project.write_text(yaml.safe_dump(data))
     assert main(["run", str(tiny_project)]) == 3
     err = capsys.readouterr().err
-    assert "max_perplexity_increase_pct: measured" in err and "limit 0" in err
+    assert "compressed: max_perplexity_increase_pct: measured" in err and "limit 0" in err
     with pytest.raises(GateError):
         run(load_recipe(tiny_project))
 
