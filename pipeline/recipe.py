@@ -13,7 +13,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .coreml_export import CoreMLSpec
 from .errors import RecipeError
+from .quantize import QuantSpec
 
 
 class Block(BaseModel):
@@ -73,7 +75,11 @@ class DropSpec(Block):
 
 class ExportSpec(Block):
     format: Literal["onnx"] = Field("onnx", description="Export format.")
-    opset: int = Field(18, ge=14, le=21, description="ONNX opset.")
+    opset: int = Field(18, ge=15, le=21, description="ONNX opset.")
+    ort_format: bool = Field(False, description="Also write .ort files (onnxruntime mobile builds) for every ONNX "
+                             "variant, with the required-operators config and the mobile usability verdict.")
+    genai: bool = Field(False, description="Also write a folder per ONNX variant that onnxruntime-genai runs as is.")
+    coreml: CoreMLSpec | None = Field(None, description="Also write Core ML packages of the compressed model.")
 
 
 class LatencySpec(Block):
@@ -105,6 +111,9 @@ class ValidateSpec(Block):
     seed: int = Field(0, description="Seed for item sampling and timing inputs.")
     latency: LatencySpec = Field(default_factory=LatencySpec, description="Latency measurement.")
     gates: GateSpec = Field(default_factory=GateSpec, description="Pass/fail limits; a failure exits non-zero.")
+    variant_gates: dict[str, GateSpec] = Field(
+        default_factory=dict, description="Gates for one quantised variant, keyed by its name (e.g. a looser "
+        "perplexity limit for int4); variants not listed use `gates`.")
 
 
 class OutputSpec(Block):
@@ -117,7 +126,9 @@ class Recipe(Block):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Data for importance scores.")
     score: ScoreSpec = Field(default_factory=ScoreSpec, description="Importance metric.")
     drop: DropSpec = Field(default_factory=DropSpec, description="What to drop.")
-    export: ExportSpec = Field(default_factory=ExportSpec, description="Export format.")
+    quantize: list[QuantSpec] = Field(default_factory=list, description="Quantised ONNX variants of the compressed "
+                                      "model, each exported, validated and reported on its own.")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="Export formats.")
     validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate", description="Validation and gates.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where run folders go.")
 
@@ -205,5 +216,16 @@ def check_against_model(recipe: Recipe, num_layers: int | None = None) -> None:
             problems.append(f"validate.distractor_files: {f} does not exist")
     if recipe.model.path is not None and not Path(recipe.model.path).exists():
         problems.append(f"model.path: {recipe.model.path} does not exist")
+    names = [q.name for q in recipe.quantize]
+    for name in sorted({n for n in names if names.count(n) > 1 or n in ("original", "compressed")}):
+        problems.append(f"quantize: variant name '{name}' is used twice or reserved; give each variant its own name")
+    for name in recipe.validate_.variant_gates:
+        if name not in names:
+            problems.append(f"validate.variant_gates.{name}: no quantize variant is named '{name}'; "
+                            f"variants: {', '.join(names) or 'none'}")
+    coreml = recipe.export.coreml
+    if coreml and coreml.stateful and num_layers is not None and num_layers in (d.attention, d.blocks):
+        problems.append("export.coreml.stateful: every attention layer would be dropped, so there is no KV state "
+                        "to keep; keep an attention layer or set stateful: false")
     if problems:
         raise RecipeError(problems)

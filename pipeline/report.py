@@ -61,7 +61,33 @@ def _ratio(a, b) -> str:
     return f"{b / a:.3f}x" if a and b is not None else ""
 
 
-def markdown(name: str, plan: DropPlan, validation: dict) -> str:
+def _variants_table(models: dict) -> list[str]:
+    base = models["original"]
+    lines = ["", "## Every variant against the original fp32 model", "",
+             "| variant | file MB | KV KB/token | perplexity | MC accuracy | decode ms p50 | decode vs original | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for tag, m in models.items():
+        lines.append(f"| {tag} | {m['file_mb']:.1f} | {m['kv_kb_per_token']:.1f} | {m['perplexity']:.3f} | "
+                     f"{m['mc_accuracy']:.3f} | {m['decode_p50_ms']:.2f} | "
+                     f"{m['decode_p50_ms'] / base['decode_p50_ms']:.2f}x | {m['peak_rss_mb']:.0f} |")
+    return lines
+
+
+def _packages_section(packages: dict) -> list[str]:
+    lines = []
+    for name, ort in packages.get("ort", {}).items():
+        lines.append(f"- `{Path(ort['path']).parent.name}/`: .ort for onnxruntime mobile builds ({name}); "
+                     f"usability: {ort['usable_on_mobile']}")
+    for name, folder in packages.get("genai", {}).items():
+        lines.append(f"- `{Path(folder).name}/`: onnxruntime-genai folder ({name})")
+    for pkg in packages.get("coreml", []):
+        lines.append(f"- `coreml/{Path(pkg['path']).name}`: {pkg['kv_states']} KV states, "
+                     f"{pkg['weight_bytes'] / 1e6:.1f} MB of weights; numerics: "
+                     f"{'checked' if pkg['numerics'].get('checked') else pkg['numerics'].get('reason')}")
+    return ["", "## Mobile packages", "", *lines] if lines else []
+
+
+def markdown(name: str, plan: DropPlan, validation: dict, packages: dict | None = None) -> str:
     orig, comp = validation["models"]["original"], validation["models"]["compressed"]
     lines = [f"# slimformer run: {name}", "",
              f"**Verdict: {'PASSED' if validation['passed'] else 'FAILED'}**", "",
@@ -71,6 +97,9 @@ def markdown(name: str, plan: DropPlan, validation: dict) -> str:
     for label, key, fmt in _ROWS:
         lines.append(f"| {label} | {_fmt(fmt, orig.get(key))} | {_fmt(fmt, comp.get(key))} | "
                      f"{_ratio(orig.get(key), comp.get(key))} |")
+    if len(validation["models"]) > 2:
+        lines += _variants_table(validation["models"])
+    lines += _packages_section(packages or {})
     lines += ["", "## ONNX vs the pruned PyTorch model", "", "| variant | max abs logit error | mean abs | top-1 agreement |",
               "|---|---:|---:|---:|"]
     for tag, p in validation["parity"].items():

@@ -19,7 +19,7 @@ from .artifacts import DropPlan, Scores
 from .errors import GateError
 from .recipe import CalibrationSpec, Recipe, check_against_model
 
-STAGES = ("load model", "score", "plan", "drop", "export", "validate", "report")
+STAGES = ("load model", "score", "plan", "drop", "export", "quantize", "package", "validate", "report")
 
 
 @contextmanager
@@ -74,6 +74,40 @@ def export(model, tokenizer, folder: Path, opset: int):
     return result
 
 
+def quantize(fp32: Path, specs, folder: Path) -> dict[str, Path]:
+    """One folder per quantised variant (`onnx-<name>/`), with the fp32 folder's config and tokenizer files."""
+    import shutil
+
+    from .quantize import quantize_onnx
+
+    variants = {}
+    for spec in specs:
+        out = folder / f"onnx-{spec.name}"
+        variants[spec.name] = quantize_onnx(fp32, out, spec).path
+        for extra in fp32.parent.iterdir():
+            if extra.suffix != ".onnx" and not extra.name.endswith(".onnx_data"):
+                shutil.copy2(extra, out / extra.name)
+    return variants
+
+
+def package(variants: dict[str, Path], pruned, tokenizer, spec, folder: Path) -> dict:
+    """Mobile deliverables: .ort files and onnxruntime-genai folders per ONNX variant, Core ML packages."""
+    from .mobile import to_ort_format, write_genai_folder
+
+    out = {"ort": {}, "genai": {}, "coreml": []}
+    for name, path in variants.items():
+        if spec.ort_format:
+            out["ort"][name] = to_ort_format(path, folder / f"ort-{name}").to_json()
+        if spec.genai:
+            out["genai"][name] = str(write_genai_folder(path, pruned.config, tokenizer, folder / f"genai-{name}"))
+    if spec.coreml is not None:
+        from .coreml_export import export_coreml, predict_parity
+
+        for pkg in export_coreml(pruned, folder / "coreml", spec.coreml):
+            out["coreml"].append({**pkg.to_json(), "numerics": predict_parity(pkg, pruned, [[1, 2, 3, 4]])})
+    return out
+
+
 def baseline_onnx(loaded, opset: int) -> Path:
     """The undropped model's ONNX, exported once per source model and cached (it never changes)."""
     from .assets import home
@@ -114,19 +148,25 @@ def run(recipe: Recipe) -> Path:
         with _stage("export"):
             exported = export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export.opset)
             original_onnx = baseline_onnx(loaded, recipe.export.opset)
+        with _stage("quantize"):
+            variants = {"compressed": exported.path, **quantize(exported.path, recipe.quantize, tmp)}
+        with _stage("package"):
+            packages = package(variants, pruned, loaded.tokenizer, recipe.export, tmp)
         with _stage("validate"):
             work = tmp / "validation"
             work.mkdir()
             data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
-            validation = validate(original_onnx, {"compressed": exported.path}, loaded.model, pruned, data,
-                                  recipe.validate_, work)
+            validation = validate(original_onnx, variants, loaded.model, pruned, data, recipe.validate_, work,
+                                  recipe.validate_.variant_gates)
         with _stage("report"):
-            (tmp / "report.json").write_text(json.dumps({"plan": drop_plan.to_json(), **validation}, indent=2))
+            (tmp / "report.json").write_text(json.dumps({"plan": drop_plan.to_json(), **validation,
+                                                         "packages": packages}, indent=2))
             plot_importance(scores, drop_plan, tmp / "importance.png")
-            (tmp / "report.md").write_text(markdown(recipe.name, drop_plan, validation))
+            (tmp / "report.md").write_text(markdown(recipe.name, drop_plan, validation, packages))
             write_manifest(tmp, {"recipe_sha256": sha256_json(recipe.resolved()),
                                  "source_model": {"description": loaded.description,
                                                   "sha256": loaded.source_sha256},
+                                 "variants": {name: str(path.relative_to(tmp)) for name, path in variants.items()},
                                  "passed": validation["passed"]})
     print((final / "report.md").read_text())
     failures = gate_failures(validation)

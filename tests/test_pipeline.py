@@ -87,3 +87,38 @@ def test_sweep_measures_each_variant(tiny_project, tmp_path):
     assert all("decode_p50_ms" in r for r in rows if r["variant"] in ("none", "attention"))
     assert "decode_p50_ms" not in rows[-1]
     assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == rows
+
+
+def test_quantised_variants_and_mobile_packages_in_one_run(tiny_project):
+    data = yaml.safe_load(tiny_project.read_text())
+    data["quantize"] = [{"kind": "onnx-int8"}, {"kind": "onnx-int4", "block_size": 16}, {"kind": "onnx-fp16"}]
+    data["export"] = {"ort_format": True, "genai": True,
+                      "coreml": {"context_length": 64, "compression": [{"kind": "linear-int8"}]}}
+    loose = {"min_top1_agreement": 0.5}
+    data["validate"]["variant_gates"] = {"int8": loose, "int4": {**loose, "max_abs_logit_error": 1.0}, "fp16": loose}
+    tiny_project.write_text(yaml.safe_dump(data))
+    final = run(load_recipe(tiny_project))
+    report = json.loads((final / "report.json").read_text())
+    assert set(report["models"]) == {"original", "compressed", "int8", "int4", "fp16"}
+    assert {g["variant"] for g in report["gates"]} == {"compressed", "int8", "int4", "fp16"}
+    assert sorted(g["limit"] for g in report["gates"] if g["variant"] == "int4") == [0.5, 1.0]
+    assert len([g for g in report["gates"] if g["variant"] == "compressed"]) == 2  # the recipe's own gates
+    for name in ("compressed", "int8", "int4", "fp16"):
+        assert (final / f"ort-{name}").is_dir() and (final / f"genai-{name}" / "genai_config.json").is_file()
+        assert report["parity"][name]["top1_agreement"] > 0.5
+    assert report["models"]["int8"]["file_mb"] < report["models"]["compressed"]["file_mb"]
+    coreml = report["packages"]["coreml"]
+    assert [p["kv_states"] for p in coreml] == [6, 6]  # 3 kept attention layers, key and value
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["variants"]["int4"] == "onnx-int4/model.onnx"
+    assert "## Every variant against the original fp32 model" in (final / "report.md").read_text()
+
+
+def test_variant_gate_for_unknown_variant_is_refused(tiny_project, capsys):
+    data = yaml.safe_load(tiny_project.read_text())
+    data["quantize"] = [{"kind": "onnx-int8"}, {"kind": "onnx-int8"}]
+    data["validate"]["variant_gates"] = {"int3": {"min_top1_agreement": 0.5}}
+    tiny_project.write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_project)]) == 2
+    err = capsys.readouterr().err
+    assert "variant name 'int8' is used twice" in err and "no quantize variant is named 'int3'" in err

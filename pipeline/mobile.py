@@ -1,0 +1,194 @@
+"""Mobile deliverables made from an exported (possibly quantised) decoder ONNX file.
+
+`to_ort_format`: onnxruntime's own converter (.ort plus the required-operators config for a minimal build)
+and its mobile usability checker, summarised. `write_genai_folder`: a folder onnxruntime-genai runs as is
+(genai_config.json, tokenizer files, the model), with the KV layer count read from the graph's inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import ExportError
+
+TOOL_TIMEOUT_S = 1800
+GENAI_CONFIG = "genai_config.json"
+_VERDICT = re.compile(r"Model should perform well with (.+?) (as is|if modified to have fixed input shapes): (\w+)")
+_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
+
+
+@dataclass(frozen=True)
+class OrtFormat:
+    path: Path
+    required_operators_config: Path
+    usable_on_mobile: str  # short verdict: which execution provider to use on phones
+    details: list[str]
+
+    def to_json(self) -> dict:
+        return {"schema_version": 1, "path": str(self.path), "required_operators_config":
+                str(self.required_operators_config), "usable_on_mobile": self.usable_on_mobile,
+                "details": list(self.details)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> OrtFormat:
+        return cls(Path(data["path"]), Path(data["required_operators_config"]), str(data["usable_on_mobile"]),
+                   list(data["details"]))
+
+
+def _run_tool(args: list[str], what: str) -> str:
+    try:
+        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ExportError(f"{what} took over {TOOL_TIMEOUT_S} s and was stopped.") from None
+    if proc.returncode != 0:
+        raise ExportError(f"{what} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
+    return proc.stdout + proc.stderr
+
+
+def to_ort_format(onnx_path: Path, out_dir: Path, style: Literal["Fixed", "Runtime"] = "Fixed",
+                  target_platform: Literal["arm", "amd64"] = "arm") -> OrtFormat:
+    """Convert to `out_dir/<stem>.ort` (+ `<stem>.required_operators.config` beside it) and check usability.
+
+    Fixed style bakes CPU-EP optimisations into the file (onnxruntime's advice for the CPU EP); Runtime
+    leaves some for load time (for NNAPI/CoreML). Both change quantised outputs slightly: validate the .ort.
+    """
+    import onnx
+
+    onnx_path, out_dir = Path(onnx_path).resolve(), Path(out_dir)
+    if not onnx_path.is_file():
+        raise ExportError(f"cannot convert {onnx_path} to ORT format: no such file.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _run_tool(["onnxruntime.tools.convert_onnx_models_to_ort", "--optimization_style", style,
+               "--target_platform", target_platform, "--output_dir", str(out_dir), str(onnx_path)],
+              f"onnxruntime's ORT-format conversion of {onnx_path}")
+    suffix = ".with_runtime_opt" if style == "Runtime" else ""
+    ort_path = out_dir / f"{onnx_path.stem}{suffix}.ort"
+    config = out_dir / f"{onnx_path.stem}.required_operators{suffix}.config"
+    if not (ort_path.is_file() and config.is_file()):
+        raise ExportError(f"the ORT-format converter reported success but {ort_path.name} or {config.name} "
+                          f"is missing from {out_dir}; check the onnxruntime version.")
+    text = _run_tool(["onnxruntime.tools.check_onnx_model_mobile_usability", "--log_level", "info", str(onnx_path)],
+                     f"onnxruntime's mobile usability check of {onnx_path}")
+    verdict, details = _summarise_usability(text)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    contrib = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft"})
+    if "MatMulNBits" in contrib:
+        details.append("4-bit weights: the mobile build must include the com.microsoft MatMulNBits op "
+                       "(onnxruntime's full Android/iOS packages do; a minimal build gets it from the config).")
+    if contrib:
+        details.append(f"com.microsoft contrib ops: {', '.join(contrib)}")
+    details.append(f"a custom minimal build takes {config.name} as --include_ops_by_config")
+    return OrtFormat(ort_path, config, verdict, details)
+
+
+def _summarise_usability(text: str) -> tuple[str, list[str]]:
+    """('CPU EP' or 'try NNAPI/CoreML ...', one line per EP verdict) from the checker's log."""
+    verdicts: dict[str, str] = {}
+    for ep, _, answer in _VERDICT.findall(text):
+        # a later "if modified to have fixed input shapes" line may upgrade the "as is" answer
+        rank = {"NO": 0, "MAYBE": 1, "YES": 2}
+        if rank.get(answer, 0) >= rank.get(verdicts.get(ep, "NO"), 0):
+            verdicts[ep] = answer
+    if not verdicts:
+        raise ExportError("onnxruntime's mobile usability checker printed no verdict; its output format changed:\n"
+                          + text[-1000:])
+    useful = [ep for ep, answer in verdicts.items() if answer != "NO"]
+    verdict = ("CPU EP (NNAPI/CoreML cannot take the model)" if not useful
+               else f"CPU EP; {', '.join(useful)} worth comparing")
+    return verdict, [f"{ep}: {answer}" for ep, answer in verdicts.items()]
+
+
+def write_genai_folder(onnx_path: Path, model_config, tokenizer, out_dir: Path) -> Path:
+    """Write genai_config.json, the tokenizer files and the model (hard link, else copy) into `out_dir`.
+
+    onnxruntime-genai names KV inputs `past_key_values.%d.key` for d < decoder.num_hidden_layers, so that
+    field holds the graph's KV slot count (kept attention layers), not the model's depth.
+    """
+    import onnx
+
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    config = genai_config(graph, model_config, tokenizer, onnx_path.name)
+    tokenizer.save_pretrained(out_dir)
+    for src in (onnx_path, onnx_path.with_name(onnx_path.name + "_data")):
+        if src.exists():
+            _link_or_copy(src, out_dir / src.name)
+    (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=4))
+    return out_dir
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists() and dst.samefile(src):
+        return
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _kv_layout(graph) -> tuple[int, int, int]:
+    """(KV slots, KV heads, head size) from the past_key_values inputs."""
+    past = {int(m[1]): i for i in graph.input if (m := _PAST.match(i.name))}
+    if not past or sorted(past) != list(range(len(past))):
+        raise ExportError(f"the graph's KV inputs {sorted(past)} are not past_key_values.0..K-1.key; "
+                          "onnxruntime-genai needs that layout (export with pipeline.export_onnx).")
+    dims = past[0].type.tensor_type.shape.dim
+    return len(past), dims[1].dim_value, dims[3].dim_value
+
+
+def genai_config(graph, model_config, tokenizer, filename: str) -> dict:
+    """onnxruntime-genai's config for an optimum-layout decoder graph, search defaulting to greedy."""
+    kv_layers, kv_heads, head_size = _kv_layout(graph)
+    names = {i.name for i in graph.input}
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
+              "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    if "position_ids" in names:
+        inputs["position_ids"] = "position_ids"
+    eos = model_config.eos_token_id if model_config.eos_token_id is not None else tokenizer.eos_token_id
+    pad = next((t for t in (model_config.pad_token_id, tokenizer.pad_token_id, eos) if t is not None), 0)
+    context = int(getattr(model_config, "max_position_embeddings", 2048))
+    decoder = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}, "filename": filename,
+               "head_size": head_size, "hidden_size": model_config.hidden_size, "inputs": inputs,
+               "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                           "present_value_names": "present.%d.value"},
+               "num_attention_heads": model_config.num_attention_heads,
+               "num_hidden_layers": kv_layers, "num_key_value_heads": kv_heads}
+    bos = model_config.bos_token_id if model_config.bos_token_id is not None else tokenizer.bos_token_id
+    model = {"bos_token_id": bos, "context_length": context, "decoder": decoder,
+             "eos_token_id": eos if eos is not None else pad, "pad_token_id": pad,
+             "type": model_config.model_type, "vocab_size": model_config.vocab_size}
+    # Our graphs concatenate past and new KV (present = past + 1), so genai must not share one buffer.
+    search = {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+              "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+              "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+              "temperature": 1.0, "top_k": 1, "top_p": 1.0}
+    return {"model": model, "search": search}
+
+
+def genai_tokenizer_problem(folder: Path, tokenizer, text: str) -> str | None:
+    """None if onnxruntime-genai's tokenizer (onnxruntime-extensions) reads the folder's tokenizer files and
+    encodes `text` as `tokenizer` does; otherwise what went wrong. Loads the model once (a session)."""
+    import onnxruntime_genai as og
+
+    try:
+        got = [int(t) for t in og.Tokenizer(og.Model(str(folder))).encode(text)]
+    except Exception as e:  # genai raises RuntimeError / OrtException subclasses with a plain message
+        return f"onnxruntime-genai cannot load the tokenizer files in {folder}: {e}"
+    want = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if got == want:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return (f"onnxruntime-genai encodes the text differently from the Hugging Face tokenizer from token {at} "
+            f"(genai {got[at:at + 5]}, Hugging Face {want[at:at + 5]}); apps would feed the model wrong ids. "
+            "Check tokenizer.json: a byte-level BPE whose decoder is SentencePiece-style (Replace '\u2581', as "
+            "transformers' GGUF conversion writes) makes onnxruntime-extensions encode spaces as '\u2581'.")

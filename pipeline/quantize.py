@@ -1,0 +1,331 @@
+"""Quantise an exported fp32 decoder ONNX file: 8/4-bit block-wise weights (MatMulNBits), int8 dynamic, fp16.
+
+Owns the recipe blocks (`QuantSpec`, one pydantic model per `kind`), the entry point `quantize_onnx`, and the
+rewrite of export_onnx's tied lm_head (Gemm(transB=1) over the embedding table, which onnxruntime's quantiser
+skips) into MatMulNBits whose quantised table the embedding Gather reads too. Output: one `model.onnx`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from .errors import ExportError
+
+OUT_NAME = "model.onnx"
+HEAD_GEMM = "lm_head_gemm"  # export_onnx's name for the tied logits projection
+_NAME = r"^[A-Za-z0-9._-]+$"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_block_size(value: int) -> int:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"block_size must be a power of two >= 16 (16, 32, 64, 128, 256), got {value}; "
+                         "use 32 (the default), or 64 for a slightly smaller, less accurate file")
+    return value
+
+
+BlockSize = Annotated[int, AfterValidator(_check_block_size)]
+
+
+class OnnxInt8Spec(_Spec):
+    """int8 weights: block-wise weight-only (MatMulNBits, 8 bits) or onnxruntime's `quantize_dynamic`."""
+
+    kind: Literal["onnx-int8"] = Field(description="8-bit weights, about 4x smaller than fp32.")
+    name: str = Field("int8", pattern=_NAME, description="Label of this variant: its folder and report key.")
+    method: Literal["weight-only", "dynamic"] = Field(
+        "weight-only", description="weight-only: MatMulNBits bits=8 (activations quantised per block of "
+        "block_size at accuracy_level 4); SmolLM2-135M perplexity +0.5 %. dynamic: onnxruntime's "
+        "quantize_dynamic (MatMulInteger, uint8 weights, activations quantised per tensor at run time); "
+        "activation outliers cost SmolLM2-135M about +50 % perplexity.")
+    block_size: BlockSize = Field(32, description="weight-only: weights per block along the input dimension "
+                                  "(power of two >= 16).")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="weight-only: MatMulNBits compute type; 4 = int8 (fastest on CPU), 1 = fp32.")
+    per_channel: bool = Field(True, description="dynamic: one weight scale per output channel.")
+    quantize_lm_head: bool = Field(
+        True, description="Quantise the logits projection (the largest matmul, and with tied embeddings the "
+        "embedding table that the file would otherwise keep in fp32).")
+    quantize_embedding: bool = Field(
+        True, description="Quantise the embedding table. weight-only with tied embeddings: the Gather reads the "
+        "lm_head's int8 table (stored once); dynamic: a second, uint8 per-tensor copy.")
+
+    @model_validator(mode="after")
+    def _fields_match_method(self):
+        # Defaults pass, so a fully resolved recipe (every field written out) loads again.
+        other = {"weight-only": ("per_channel",), "dynamic": ("block_size", "accuracy_level")}[self.method]
+        fields = type(self).model_fields
+        wrong = [f for f in other if f in self.model_fields_set and getattr(self, f) != fields[f].default]
+        if wrong:
+            method = "dynamic" if self.method == "weight-only" else "weight-only"
+            raise ValueError(f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} only to method: "
+                             f"{method}; remove {'it' if len(wrong) == 1 else 'them'} or set method: {method}")
+        return self
+
+
+class OnnxInt4Spec(_Spec):
+    """onnxruntime `MatMulNBitsQuantizer`: 4-bit block-wise weights, weight-only."""
+
+    kind: Literal["onnx-int4"] = Field(description="4-bit block-wise weight-only quantisation (MatMulNBits).")
+    name: str = Field("int4", pattern=_NAME, description="Label of this variant: its folder and report key.")
+    block_size: BlockSize = Field(32, description="Weights per quantisation block along the input dimension; a "
+                            "power of two >= 16. Smaller blocks: more accurate, slightly larger file.")
+    symmetric: bool = Field(True, description="Symmetric blocks (no zero points); false stores a zero point "
+                            "per block.")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="MatMulNBits compute type: 4 = int8 activations per block (fastest on CPU), 1 = fp32, "
+        "0 = onnxruntime's default. Below 4 the CPU kernel is slower than int8.")
+    quantize_lm_head: bool = Field(
+        True, description="Quantise the logits projection (the largest matmul: about half of the 4-bit "
+        "decode time if left fp32).")
+    lm_head_bits: Literal[4, 8] = Field(
+        8, description="Bits of the logits projection and of the embedding table. 8 (default): on SmolLM2 4 bits "
+        "here cost about 14 points of perplexity for 14 MB; the output layer is the most sensitive one.")
+    quantize_embedding: bool = Field(
+        True, description="Quantise the embedding table too (GatherBlockQuantized). With tied embeddings it "
+        "reads the lm_head's quantised table, so the table is stored once; needs quantize_lm_head.")
+
+
+class OnnxFp16Spec(_Spec):
+    """onnxruntime's `convert_float_to_float16`: fp16 weights and compute, fp32 logits."""
+
+    kind: Literal["onnx-fp16"] = Field(description="Half-precision weights and compute; for GPUs and "
+                                       "fp16-capable mobile CPUs (on x86 onnxruntime casts back to fp32).")
+    name: str = Field("fp16", pattern=_NAME, description="Label of this variant: its folder and report key.")
+    kv_cache: Literal["float16", "float32"] = Field(
+        "float16", description="Type of the past/present KV inputs and outputs. float16 halves KV memory; "
+        "float32 keeps the fp32 graph's interface (Casts inside the graph).")
+
+
+QuantSpec = Annotated[Union[OnnxInt8Spec, OnnxInt4Spec, OnnxFp16Spec], Field(discriminator="kind")]
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    path: Path
+    kind: str
+    name: str
+    bytes: int
+
+    def to_json(self) -> dict:
+        return {"schema_version": 1, "path": str(self.path), "kind": self.kind, "name": self.name,
+                "bytes": self.bytes}
+
+    @classmethod
+    def from_json(cls, data: dict) -> QuantizedModel:
+        return cls(Path(data["path"]), str(data["kind"]), str(data["name"]), int(data["bytes"]))
+
+
+def quantize_onnx(src: Path, out_dir: Path, spec: QuantSpec) -> QuantizedModel:
+    """Write `out_dir/model.onnx`, the quantised copy of the fp32 file `src`. Nothing else is copied."""
+    import onnx
+
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.is_file():
+        raise ExportError(f"cannot quantise {src}: no such file; export the fp32 model first.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / OUT_NAME
+    if path.resolve() == src.resolve():
+        raise ExportError(f"quantising {src} would overwrite it; give a different out_dir.")
+    model = onnx.load(str(src))
+    try:
+        if spec.kind == "onnx-int8" and spec.method == "dynamic":
+            _int8_dynamic(model, path, spec)
+        elif spec.kind == "onnx-fp16":
+            _save(_fp16(model, spec), path)
+        else:
+            _save(_weight_only(model, spec, 8 if spec.kind == "onnx-int8" else 4), path)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"onnxruntime could not quantise {src} as {spec.kind}: {e}") from e
+    size = sum(f.stat().st_size for f in (path, path.with_name(path.name + "_data")) if f.exists())
+    return QuantizedModel(path, spec.kind, spec.name, size)
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    # One file below protobuf's 2 GB limit; above it, one external data file beside it.
+    big = model.ByteSize() > 2**31 - 2**24
+    data = path.with_name(path.name + "_data")
+    data.unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data.name)
+
+
+def _graph_parts(graph):
+    """(logits projection node or None, embedding Gather or None, whether both read one table)."""
+    inits = {t.name for t in graph.initializer}
+    gather = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                   and n.input[1] == "input_ids"), None)
+    head = next((n for n in graph.node if n.op_type == "Gemm" and n.name == HEAD_GEMM), None)
+    if head is None:
+        head = next((n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output), None)
+    tied = head is not None and gather is not None and head.input[1] == gather.input[0]
+    return head, gather, tied
+
+
+def _check_tied_choice(tied: bool, spec) -> None:
+    if tied and spec.quantize_embedding and not spec.quantize_lm_head:
+        raise ExportError(f"{spec.kind} '{spec.name}': quantize_embedding without quantize_lm_head would store the "
+                          "tied embedding table twice (fp32 for the lm_head, quantised for the embedding), a larger "
+                          "file than not quantising it; set quantize_lm_head: true or quantize_embedding: false.")
+
+
+def _int8_dynamic(model, path: Path, spec: OnnxInt8Spec) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    head, _, tied = _graph_parts(model.graph)
+    _check_tied_choice(tied, spec)
+    # The tied head is a Gemm: onnxruntime quantises it as MatMulInteger over a transposed 8-bit copy.
+    ops = ["MatMul", *(["Gemm"] if spec.quantize_lm_head else []), *(["Gather"] if spec.quantize_embedding else [])]
+    exclude = [head.name] if head is not None and not spec.quantize_lm_head else []
+    big = model.ByteSize() > 2**31 - 2**24
+    # uint8 weights: x86 AVX2 kernels without VNNI saturate int16 sums for int8 weights x uint8 activations
+    # (SmolLM2-135M perplexity 55 -> 34 million measured); uint8 x uint8 takes another kernel path.
+    quantize_dynamic(model, path, per_channel=spec.per_channel, weight_type=QuantType.QUInt8,
+                     op_types_to_quantize=ops, nodes_to_exclude=exclude, use_external_data_format=big,
+                     extra_options={"MatMulConstBOnly": True})
+
+
+def _weight_only(model, spec, bits: int):
+    """MatMulNBits at `bits` for every constant-weight MatMul; the logits projection and the embedding
+    table at `lm_head_bits` (int4 spec) or `bits`."""
+    import logging
+
+    # The module logs every node at INFO (it calls logging.basicConfig on import): keep its warnings only.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    head, gather, tied = _graph_parts(model.graph)
+    _check_tied_choice(tied, spec)
+    body, table_cfg = _nbits_config(spec, bits), _nbits_config(spec, getattr(spec, "lm_head_bits", bits))
+    head_apart = head is not None and (not spec.quantize_lm_head or table_cfg.bits != bits)
+    # The stock pass: every MatMul with a constant weight, an untied lm_head too unless it is set apart.
+    model = _nbits_pass(model, body, [head.name] if head_apart else [])
+    table = None
+    if head is not None and head.op_type == "Gemm" and spec.quantize_lm_head:
+        table = _head_gemm_to_nbits(model.graph, head.name, table_cfg)
+    elif head_apart and spec.quantize_lm_head:  # an untied MatMul head at its own bit width
+        model = _nbits_pass(model, table_cfg, [n.name for n in model.graph.node if n.name != head.name])
+    if gather is not None and spec.quantize_embedding:
+        _gather_to_block_quantized(model.graph, gather.name, table_cfg, table if tied else None)
+    _drop_unused_initializers(model.graph)
+    return model
+
+
+def _nbits_pass(model, config, exclude: list[str]):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _nbits_config(spec, bits: int):
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+
+    return DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=getattr(spec, "symmetric", True),
+                                        bits=bits, accuracy_level=spec.accuracy_level, op_types_to_quantize=("MatMul",))
+
+
+def _block_quant(table, config):
+    """(packed uint8 [rows, blocks, bytes per block], scales [rows, blocks], zero points or None) of a
+    [rows, cols] table, blocks along cols: MatMulNBits' layout for B = table.T, by onnxruntime's own code."""
+    import numpy as np
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(table.T))
+    return packed, scales, None if config.is_symmetric else zero_points
+
+
+def _add_table(graph, base: str, table, config) -> tuple[list[str], int]:
+    """Add a table's quantised initializers; return their names (data, scales[, zero points]) and padded cols."""
+    from onnx import numpy_helper
+
+    packed, scales, zero_points = _block_quant(table, config)
+    arrays = {f"{base}_Q{config.bits}": packed, f"{base}_scales": scales}
+    if zero_points is not None:
+        arrays[f"{base}_zero_points"] = zero_points
+    graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in arrays.items())
+    return list(arrays), packed.shape[1] * config.block_size
+
+
+def _initializer(graph, name: str):
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(next(t for t in graph.initializer if t.name == name))
+
+
+def _head_gemm_to_nbits(graph, name: str, config) -> tuple[list[str], int]:
+    """Replace the tied Gemm(x, E, transB=1) by MatMulNBits over a quantised E; return the table's names."""
+    from onnx import helper
+
+    gemm = next(n for n in graph.node if n.name == name)
+    attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+    if len(gemm.input) != 2 or attrs.get("transB") != 1 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+        raise ExportError(f"the tied lm_head node {name} is not Gemm(x, E, transB=1) without bias; "
+                          "it was not written by this version of export_onnx. Re-export the model.")
+    table = _initializer(graph, gemm.input[1])
+    names, padded = _add_table(graph, gemm.input[1], table, config)
+    kwargs = {"accuracy_level": config.accuracy_level} if config.accuracy_level else {}
+    node = helper.make_node("MatMulNBits", [gemm.input[0], *names], list(gemm.output), name=f"{name}_Q{config.bits}",
+                            domain="com.microsoft", K=table.shape[1], N=table.shape[0], bits=config.bits,
+                            block_size=config.block_size, **kwargs)
+    _replace_node(graph, gemm, [node])
+    return names, padded
+
+
+def _gather_to_block_quantized(graph, name: str, config, shared: tuple[list[str], int] | None) -> None:
+    """Replace Gather(E, ids) by GatherBlockQuantized over a quantised E: the lm_head's (`shared`) or its own.
+
+    MatMulNBits stores E as [rows, blocks, bytes]; GatherBlockQuantized wants [rows, padded bytes per row]:
+    the same bytes, so a Reshape shares them (as onnxruntime-genai's builder does for tied models).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    gather = next(n for n in graph.node if n.name == name)
+    table = _initializer(graph, gather.input[0])
+    rows, cols = table.shape
+    names, padded = shared if shared is not None else _add_table(graph, gather.input[0], table, config)
+    out = gather.output[0]
+    gathered = out if padded == cols else out + "_padded"
+    shape = numpy_helper.from_array(np.array([rows, padded * config.bits // 8], np.int64), f"{names[0]}_2d_shape")
+    graph.initializer.append(shape)
+    nodes = [helper.make_node("Reshape", [names[0], shape.name], [f"{names[0]}_2d"], name=f"{name}_table_2d"),
+             helper.make_node("GatherBlockQuantized", [f"{names[0]}_2d", gather.input[1], *names[1:]], [gathered],
+                              name=f"{name}_Q{config.bits}", domain="com.microsoft", bits=config.bits, block_size=config.block_size,
+                              gather_axis=0, quantize_axis=1)]
+    if gathered != out:  # blocks pad each row up to a whole block: cut the padding off again
+        consts = {"starts": [0], "ends": [cols], "axes": [-1]}
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"{name}_slice_{k}")
+                                 for k, v in consts.items())
+        nodes.append(helper.make_node("Slice", [gathered, *(f"{name}_slice_{k}" for k in consts)], [out],
+                                      name=name + "_unpad"))
+    _replace_node(graph, gather, nodes)
+
+
+def _replace_node(graph, old, new: list) -> None:
+    at = list(graph.node).index(old)
+    graph.node.remove(old)
+    for offset, node in enumerate(new):
+        graph.node.insert(at + offset, node)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+
+
+def _fp16(model, spec: OnnxFp16Spec):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # logits stay fp32 (perplexity and sampling read them); KV follows the spec.
+    keep = True if spec.kv_cache == "float32" else ["logits"]
+    return convert_float_to_float16(model, keep_io_types=keep)
