@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RECIPE ?= recipes/smollm2-135m.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup assets compress test test-slow bench sweep schema clean
+.PHONY: setup assets compress test test-slow bench schema arm-root clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,9 @@ test-slow: assets
 
 bench: assets
 	$(BIN)/slimformer sweep recipes/smollm2-135m-sweep.yaml --out runs/sweep.json
+
+arm-root:
+	bash scripts/build_arm_root.sh
 
 schema: setup
 	$(BIN)/slimformer schema > recipe.schema.json

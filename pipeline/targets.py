@@ -1,0 +1,412 @@
+"""Validation targets: where an exported model is run besides this host (an emulated arm64 core, a machine over SSH).
+
+Owns the target config blocks (`validate.targets` in a recipe), `run_on_target`, which copies the
+self-contained ort_runner.py with the model and its inputs to a target, runs it under a time limit and reads
+the JSON and parity trace back, and `judge`, which turns a target's figures into gates (logits against the
+PyTorch reference, perplexity against the host's figure for the same file and the same windows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import SlimformerError
+
+RUNNER = Path(__file__).with_name("ort_runner.py")
+ROOT_MARKER = ".slimformer-arm-root"  # written by scripts/build_arm_root.sh when the root is complete
+ROOT_PYTHON = "/opt/venv/bin/python3"
+ROOT_QEMU = "/usr/bin/qemu-aarch64-static"
+EMULATED_TIMING = "emulated (not meaningful)"
+SSH_ENV = {"host": "SLIMFORMER_SSH_HOST", "port": "SLIMFORMER_SSH_PORT", "user": "SLIMFORMER_SSH_USER",
+           "key_file": "SLIMFORMER_SSH_KEY", "python": "SLIMFORMER_SSH_PYTHON"}
+# Printed by the target's python before any run: versions, and the CPU features QEMU or the board exposes
+# (AT_HWCAP bits 9 fphp, 20 asimddp, 22 sve; AT_HWCAP2 bit 13 i8mm), read from the auxiliary vector.
+PROBE = r"""
+import json, platform, sys
+try:
+    import numpy, onnxruntime
+except ImportError as e:
+    print(json.dumps({"missing": str(e)}))
+    sys.exit(0)
+info = {"python": platform.python_version(), "machine": platform.machine(),
+        "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
+if info["machine"] == "aarch64" and sys.platform.startswith("linux"):
+    import ctypes
+    aux = ctypes.CDLL(None).getauxval
+    aux.restype, aux.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    hw, hw2 = aux(16), aux(26)
+    bits = (("fphp", hw, 9), ("asimddp", hw, 20), ("sve", hw, 22), ("i8mm", hw2, 13))
+    info["features"] = [name for name, word, bit in bits if word >> bit & 1]
+print(json.dumps(info))
+"""
+
+
+class TargetError(SlimformerError):
+    """A target could not run the model. `reason` is one of: config, unreachable, auth, missing-packages,
+    not-built, wrong-cpu, timeout, runner-failed, copy-failed."""
+
+    def __init__(self, target: str, reason: str, message: str):
+        self.target, self.reason = target, reason
+        super().__init__(f"target '{target}': {message}")
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tolerances(_Block):
+    max_abs_logit_error: float | None = Field(
+        0.01, gt=0, description="Fail if the target's parity-trace logits differ from the PyTorch reference by "
+        "more than this (absolute); null turns the gate off.")
+    min_top1_agreement: float | None = Field(
+        1.0, ge=0, le=1, description="Fail if the target's top-1 tokens agree with the PyTorch reference on less "
+        "than this fraction of (step, row) positions; null turns the gate off.")
+    max_perplexity_diff_pct: float | None = Field(
+        0.5, ge=0, description="Fail if the target's held-out perplexity differs from the host's (same file, "
+        "same windows) by more than this percentage either way; null turns the gate off.")
+
+
+_KEEP = "Replaces the target's value for this variant; omit to keep it."
+
+
+class ToleranceOverride(_Block):
+    max_abs_logit_error: float | None = Field(None, gt=0, description=_KEEP)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description=_KEEP)
+    max_perplexity_diff_pct: float | None = Field(None, ge=0, description=_KEEP)
+
+
+class _Target(_Block):
+    timeout_s: float = Field(3600, gt=0, description="Limit in seconds for each step on the target (copy, run).")
+    perplexity_windows: int | None = Field(
+        None, ge=1, description="Score only the first N held-out windows here; null scores them all.")
+    tolerances: Tolerances = Field(default_factory=Tolerances, description="Gates against the host and PyTorch.")
+    variant_tolerances: dict[str, ToleranceOverride] = Field(
+        default_factory=dict, description="Per-variant changes to `tolerances`, keyed by variant name "
+        "(e.g. int4: {max_abs_logit_error: 2.0}): quantised kernels differ by core.")
+
+    def tolerances_for(self, variant: str) -> Tolerances:
+        override = self.variant_tolerances.get(variant)
+        if override is None:
+            return self.tolerances
+        changes = {k: v for k, v in override.model_dump().items() if v is not None}
+        return self.tolerances.model_copy(update=changes)
+
+
+class HostTarget(_Target):
+    kind: Literal["host"] = Field(description="This machine, through a child process.")
+    name: str = Field("host", pattern=r"^[A-Za-z0-9._-]+$", description="Name in reports and gates.")
+
+
+class ArmEmulatedTarget(_Target):
+    kind: Literal["arm64-emulated"] = Field(description="An arm64 Debian root run by QEMU user emulation.")
+    name: str = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="Name in reports; default arm64-<cpu>.")
+    cpu: Literal["cortex-a53", "cortex-a76", "neoverse-n1", "max"] = Field(
+        "cortex-a76", description="Emulated core: cortex-a53 (no dotprod, no fp16), cortex-a76 / neoverse-n1 "
+        "(dotprod, fp16), max (SVE, i8mm). onnxruntime picks different kernels on each.")
+    root: Path | None = Field(None, description="Root built by scripts/build_arm_root.sh; default "
+                              "$SLIMFORMER_HOME/arm64-root.")
+    timeout_s: float = Field(3600, gt=0, description="Limit in seconds for the run (emulation is 30-250x slower).")
+    perplexity_windows: int | None = Field(
+        2, ge=1, description="Score only the first N held-out windows here (emulation is slow); null for all.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data):
+        if isinstance(data, dict) and data.get("name") is None:
+            data = {**data, "name": f"arm64-{data.get('cpu', cls.model_fields['cpu'].default)}"}
+        return data
+
+    def resolved_root(self) -> Path:
+        from .assets import home
+
+        return Path(self.root) if self.root is not None else home() / "arm64-root"
+
+
+class SshTarget(_Target):
+    kind: Literal["ssh"] = Field(description="A machine reached with the OpenSSH client (a phone, an ARM board).")
+    name: str = Field("ssh", pattern=r"^[A-Za-z0-9._-]+$", description="Name in reports and gates.")
+    host: str | None = Field(None, description="Host name or address; default $SLIMFORMER_SSH_HOST.")
+    port: int | None = Field(None, ge=1, le=65535, description="SSH port; default $SLIMFORMER_SSH_PORT, else 22.")
+    user: str | None = Field(None, description="Login; default $SLIMFORMER_SSH_USER, else ssh's own default.")
+    key_file: Path | None = Field(None, description="Private key; default $SLIMFORMER_SSH_KEY, else ssh's own.")
+    python: str | None = Field(None, description="Python with onnxruntime and numpy on the target; default "
+                               "$SLIMFORMER_SSH_PYTHON, else python3.")
+    remote_dir: str = Field("/tmp/slimformer", pattern=r"^[A-Za-z0-9._/~-]+$",
+                            description="Folder on the target for the copied files (one sub-folder per run).")
+    connect_timeout_s: int = Field(10, ge=1, description="Seconds ssh waits for the connection.")
+    timeout_s: float = Field(1800, gt=0, description="Limit in seconds for each step (copy, run).")
+
+    def resolved(self, environ=None) -> SshTarget:
+        """A copy with unset connection fields taken from the SLIMFORMER_SSH_* environment variables."""
+        env = os.environ if environ is None else environ
+        update = {k: env[var] for k, var in SSH_ENV.items() if getattr(self, k) is None and env.get(var)}
+        if "port" in update:
+            if not update["port"].isdigit():
+                raise TargetError(self.name, "config", f"{SSH_ENV['port']}={update['port']!r} is not a port number")
+            update["port"] = int(update["port"])
+        target = self.model_copy(update=update)
+        if not target.host:
+            raise TargetError(self.name, "config", f"no host; set `host:` in the recipe or {SSH_ENV['host']}")
+        return target
+
+
+Target = Annotated[HostTarget | ArmEmulatedTarget | SshTarget, Field(discriminator="kind")]
+
+
+def target_problems(targets: list) -> list[str]:
+    """Checks across the `validate.targets` list (names must be unique: they key reports and files)."""
+    names = [t.name for t in targets]
+    return [f"validate.targets: name '{n}' is used {names.count(n)} times; give each target its own name"
+            for n in sorted(set(names)) if names.count(n) > 1]
+
+
+def host_counterpart(target) -> HostTarget:
+    """The host run that `judge` compares `target`'s perplexity with: same windows."""
+    return HostTarget(kind="host", name="host", perplexity_windows=target.perplexity_windows)
+
+
+# --- running ---------------------------------------------------------------------------------------------
+
+
+def _exec(cmd: list[str], timeout: float, target: str, step: str, stdin: str | None = None):
+    """Run `cmd` in its own process group; on time-out kill that group (never hang) and raise."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise TargetError(target, "timeout", f"{step} took over {timeout:g} s and was stopped; raise the "
+                          "target's timeout_s or lower its perplexity_windows / the number of flags") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _model_files(onnx_path: Path) -> list[Path]:
+    extra = [onnx_path.with_name(onnx_path.name + s) for s in ("_data", ".data")]
+    return [onnx_path, *(p for p in extra if p.is_file())]
+
+
+def _target_inputs(target, inputs_npz: Path, workdir: Path) -> Path:
+    n = target.perplexity_windows
+    with np.load(inputs_npz) as data:
+        if n is None or "windows" not in data or len(data["windows"]) <= n:
+            return inputs_npz
+        arrays = {k: data[k] for k in data.files}
+    arrays["windows"] = arrays["windows"][:n]
+    path = workdir / f"{target.name}.inputs.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def _runner_args(model: str, out: str, inputs: str, threads: int, flags: list[str]) -> list[str]:
+    return [model, "--out", out, "--inputs", inputs, "--threads", str(threads), *flags]
+
+
+def _check_runner(proc, target: str, where: str) -> None:
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise TargetError(target, "runner-failed", f"ort_runner.py exited with {proc.returncode} {where}:\n{tail}")
+
+
+def _probe_info(proc, target: str, python: str, where: str) -> dict:
+    from importlib.metadata import version
+
+    lines = proc.stdout.strip().splitlines()
+    try:
+        info = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise TargetError(target, "missing-packages", f"`{python}` did not run {where} (exit {proc.returncode}): "
+                          f"{proc.stderr.strip()[-500:]}; install Python 3 there or point `python` at it") from None
+    if "missing" in info:
+        raise TargetError(target, "missing-packages", f"`{python}` {where} cannot import them ({info['missing']}); "
+                          f"install onnxruntime=={version('onnxruntime')} numpy on the target "
+                          f"(`{python} -m pip install onnxruntime=={version('onnxruntime')} numpy`)")
+    return info
+
+
+def _run_host(target: HostTarget, onnx_path: Path, inputs: Path, workdir: Path, threads: int, flags):
+    out = workdir / f"{target.name}.json"
+    cmd = [sys.executable, str(RUNNER), *_runner_args(str(onnx_path), str(out), str(inputs), threads, flags)]
+    _check_runner(_exec(cmd, target.timeout_s, target.name, "the runner"), target.name, "on the host")
+    return json.loads(out.read_text()), {"timing": "real"}
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)  # a 500 MB model: a hard link when the root shares the filesystem
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def _run_emulated(target: ArmEmulatedTarget, onnx_path: Path, inputs: Path, workdir: Path, threads: int, flags):
+    root = target.resolved_root()
+    if not (root / ROOT_MARKER).is_file():
+        raise TargetError(target.name, "not-built", f"no arm64 root at {root}; run `make arm-root` "
+                          "(scripts/build_arm_root.sh: needs root, about 5 minutes and 450 MB)")
+    if os.geteuid() != 0:
+        raise TargetError(target.name, "config", "running in the arm64 root needs chroot; run as root")
+    job = Path("/work") / f"job-{uuid.uuid4().hex[:12]}"
+    inside = root / job.relative_to("/")
+    inside.mkdir(parents=True)
+    try:
+        for f in [RUNNER, inputs, *_model_files(onnx_path)]:
+            _link_or_copy(f, inside / f.name)
+        # The core is chosen on qemu's command line, not through QEMU_CPU and binfmt, and checked below.
+        qemu = ["chroot", str(root), ROOT_QEMU, "-cpu", target.cpu, ROOT_PYTHON]
+        probe = _exec([*qemu, "-"], min(600, target.timeout_s), target.name, "the probe", stdin=PROBE)
+        info = _probe_info(probe, target.name, ROOT_PYTHON, f"in {root}")
+        want = {"asimddp": target.cpu != "cortex-a53", "sve": target.cpu == "max"}
+        if any((f in info.get("features", [])) != on for f, on in want.items()):
+            raise TargetError(target.name, "wrong-cpu", f"QEMU was asked for {target.cpu} but the guest sees "
+                              f"features {info.get('features')}; check qemu-aarch64-static in {root}")
+        args = _runner_args(str(job / onnx_path.name), str(job / "result.json"), str(job / inputs.name), threads, flags)
+        proc = _exec([*qemu, str(job / RUNNER.name), *args], target.timeout_s, target.name, "the emulated runner")
+        _check_runner(proc, target.name, f"under QEMU {target.cpu}")
+        out = workdir / f"{target.name}.json"
+        shutil.copy2(inside / "result.json", out)
+        if (inside / "result.trace.npz").is_file():
+            shutil.copy2(inside / "result.trace.npz", out.with_name(out.stem + ".trace.npz"))
+    finally:
+        shutil.rmtree(inside, ignore_errors=True)
+    return json.loads(out.read_text()), {"timing": EMULATED_TIMING, "cpu": target.cpu, **info}
+
+
+def _ssh_base(t: SshTarget, workdir: Path, port_flag: str) -> list[str]:
+    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={t.connect_timeout_s}", "-o", "ServerAliveInterval=15",
+            "-o", "ServerAliveCountMax=3", "-o", "StrictHostKeyChecking=accept-new",
+            "-o", f"UserKnownHostsFile={workdir / 'known_hosts'}", "-o", "LogLevel=ERROR", port_flag, str(t.port or 22)]
+    if t.key_file is not None:
+        opts += ["-i", str(Path(t.key_file).expanduser()), "-o", "IdentitiesOnly=yes"]
+    return opts
+
+
+def _ssh_failure(t: SshTarget, proc, step: str) -> TargetError:
+    err = proc.stderr.strip()
+    where = f"{t.user + '@' if t.user else ''}{t.host}:{t.port or 22}"
+    if "Permission denied (" in err or "Too many authentication failures" in err:
+        key = t.key_file or "ssh's default keys"
+        return TargetError(t.name, "auth", f"{where} refused the login ({err[-300:]}); add the public half of "
+                           f"{key} to ~/.ssh/authorized_keys of {t.user or 'the login user'} there, or set "
+                           f"`key_file`/`user` ({SSH_ENV['key_file']}, {SSH_ENV['user']})")
+    if proc.returncode == 255:
+        return TargetError(t.name, "unreachable", f"cannot reach {where} ({err[-300:]}); check that the machine "
+                           f"is on and runs sshd, and `host`/`port` ({SSH_ENV['host']}, {SSH_ENV['port']})")
+    return TargetError(t.name, "copy-failed", f"{step} failed (exit {proc.returncode}): {err[-500:]}")
+
+
+def _run_ssh(target: SshTarget, onnx_path: Path, inputs: Path, workdir: Path, threads: int, flags):
+    t = target.resolved()
+    dest = f"{t.user + '@' if t.user else ''}{t.host}"
+    ssh = ["ssh", *_ssh_base(t, workdir, "-p"), dest]
+    job = f"{t.remote_dir.rstrip('/')}/job-{uuid.uuid4().hex[:12]}"
+    python = t.python or "python3"
+
+    def remote(command: str, step: str, timeout: float, stdin: str | None = None):
+        proc = _exec([*ssh, command], timeout, t.name, step, stdin)
+        if proc.returncode == 255:  # ssh's own failure; the remote command's codes pass through
+            raise _ssh_failure(t, proc, step)
+        return proc
+
+    def scp(sources: list[str], target_path: str, step: str):
+        proc = _exec(["scp", "-q", *_ssh_base(t, workdir, "-P"), *sources, target_path], t.timeout_s, t.name, step)
+        if proc.returncode != 0:
+            raise _ssh_failure(t, proc, step)
+
+    probe = remote(f"mkdir -p {shlex.quote(job)} && {python} -", "the probe", 3 * t.connect_timeout_s + 60, PROBE)
+    try:  # from here on the job folder exists and is removed whatever happens
+        info = _probe_info(probe, t.name, python, f"on {t.host}")
+        scp([str(f) for f in [RUNNER, inputs, *_model_files(onnx_path)]], f"{dest}:{job}/", "copying the model")
+        args = " ".join(map(shlex.quote, _runner_args(onnx_path.name, "result.json", inputs.name, threads, flags)))
+        run = f"{python} {RUNNER.name} {args}"
+        # The remote `timeout` ends the run if the connection dies (ssh gives no SIGHUP without a tty).
+        limit = f"{int(t.timeout_s) + 1}"
+        command = (f"cd {shlex.quote(job)} && if command -v timeout >/dev/null 2>&1; "
+                   f"then exec timeout -k 10 {limit} {run}; else exec {run}; fi")
+        proc = remote(command, "the remote runner", t.timeout_s + 30)
+        if proc.returncode == 124:
+            raise TargetError(t.name, "timeout", f"the remote runner took over {limit} s and was stopped; raise "
+                              "the target's timeout_s or lower its perplexity_windows")
+        _check_runner(proc, t.name, f"on {t.host}")
+        wanted = ["result.json", *(["result.trace.npz"] if "--trace" in flags else [])]
+        scp([f"{dest}:{job}/{name}" for name in wanted], str(workdir) + "/", "copying the results back")
+    finally:
+        try:
+            remote(f"rm -rf {shlex.quote(job)}", "clean-up", 3 * t.connect_timeout_s)
+        except TargetError:
+            pass  # best effort: the result (or the error being raised) matters more
+    out = workdir / f"{t.name}.json"
+    os.replace(workdir / "result.json", out)
+    if (workdir / "result.trace.npz").is_file():
+        os.replace(workdir / "result.trace.npz", out.with_name(out.stem + ".trace.npz"))
+    return json.loads(out.read_text()), {"timing": "real", **info}
+
+
+_RUNNERS = {"host": _run_host, "arm64-emulated": _run_emulated, "ssh": _run_ssh}
+
+
+def run_on_target(target, onnx_path: Path, inputs_npz: Path, workdir: Path, threads: int,
+                  flags: list[str]) -> dict:
+    """Run ort_runner.py on `target`; return its JSON result plus `target` (name, kind, timing, versions,
+    CPU features) and, with --trace, trace.logits [steps + 1, batch, vocab] and trace.tokens as arrays.
+    Files written to `workdir`: <name>.json, <name>.trace.npz (and known_hosts for ssh)."""
+    onnx_path, workdir = Path(onnx_path).resolve(), Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    inputs = _target_inputs(target, Path(inputs_npz), workdir)
+    result, info = _RUNNERS[target.kind](target, onnx_path, inputs, workdir, threads, list(flags))
+    result["target"] = {"name": target.name, "kind": target.kind, **info}
+    result["timing"] = info["timing"]
+    if "latency" in result:
+        result["latency"]["timing"] = info["timing"]
+    if "trace" in result:
+        npz = workdir / f"{target.name}.trace.npz"
+        with np.load(npz) as data:
+            result["trace"].update(npz=str(npz), logits=data["logits"], tokens=data["tokens"])
+    return result
+
+
+# --- judging ---------------------------------------------------------------------------------------------
+
+
+def judge(target, variant_name: str, host_result: dict, target_result: dict, reference_trace) -> list[dict]:
+    """Gates for one variant on one target: parity-trace logits and top-1 against the PyTorch reference
+    trace, perplexity against the host's figure for the same file and windows (see `host_counterpart`)."""
+    from .reference import compare_traces
+
+    tol = target.tolerances_for(variant_name)
+    measured = {}
+    if tol.max_abs_logit_error is not None or tol.min_top1_agreement is not None:
+        if "trace" not in target_result:
+            raise ValueError(f"target '{target.name}' result has no parity trace; run it with --trace")
+        stats = compare_traces(list(reference_trace), list(np.asarray(target_result["trace"]["logits"])))
+        measured["max_abs_logit_error"] = (stats["max_abs_error"], "<=")
+        measured["min_top1_agreement"] = (stats["top1_agreement"], ">=")
+    if tol.max_perplexity_diff_pct is not None:
+        host, here = host_result.get("perplexity"), target_result.get("perplexity")
+        if host is None or here is None:
+            raise ValueError(f"perplexity gate on target '{target.name}' needs --perplexity on host and target")
+        if host["tokens"] != here["tokens"]:
+            raise ValueError(f"target '{target.name}' scored {here['tokens']} tokens, the host {host['tokens']}; "
+                             "run the host with the same windows (host_counterpart(target))")
+        measured["max_perplexity_diff_pct"] = (100 * abs(here["perplexity"] / host["perplexity"] - 1), "<=")
+    gates = []
+    for name, limit in tol.model_dump().items():
+        if limit is None or name not in measured:
+            continue
+        value, op = measured[name]
+        passed = value <= limit if op == "<=" else value >= limit
+        gates.append({"name": name, "target": target.name, "variant": variant_name, "value": float(value),
+                      "limit": float(limit), "passed": bool(passed)})
+    return gates
