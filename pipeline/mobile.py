@@ -60,8 +60,6 @@ def to_ort_format(onnx_path: Path, out_dir: Path, style: Literal["Fixed", "Runti
     Fixed style bakes CPU-EP optimisations into the file (onnxruntime's advice for the CPU EP); Runtime
     leaves some for load time (for NNAPI/CoreML). Both change quantised outputs slightly: validate the .ort.
     """
-    import onnx
-
     onnx_path, out_dir = Path(onnx_path).resolve(), Path(out_dir)
     if not onnx_path.is_file():
         raise ExportError(f"cannot convert {onnx_path} to ORT format: no such file.")
@@ -78,15 +76,23 @@ def to_ort_format(onnx_path: Path, out_dir: Path, style: Literal["Fixed", "Runti
     text = _run_tool(["onnxruntime.tools.check_onnx_model_mobile_usability", "--log_level", "info", str(onnx_path)],
                      f"onnxruntime's mobile usability check of {onnx_path}")
     verdict, details = _summarise_usability(text)
+    return OrtFormat(ort_path, config, verdict, details + _build_notes(onnx_path, config))
+
+
+def _build_notes(onnx_path: Path, config: Path) -> list[str]:
+    """What a mobile onnxruntime build needs for this graph."""
+    import onnx
+
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     contrib = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft"})
+    notes = []
     if "MatMulNBits" in contrib:
-        details.append("4-bit weights: the mobile build must include the com.microsoft MatMulNBits op "
-                       "(onnxruntime's full Android/iOS packages do; a minimal build gets it from the config).")
+        notes.append("4/8-bit weights: the mobile build must include the com.microsoft MatMulNBits op "
+                     "(onnxruntime's full Android/iOS packages do; a minimal build gets it from the config).")
     if contrib:
-        details.append(f"com.microsoft contrib ops: {', '.join(contrib)}")
-    details.append(f"a custom minimal build takes {config.name} as --include_ops_by_config")
-    return OrtFormat(ort_path, config, verdict, details)
+        notes.append(f"com.microsoft contrib ops in the .onnx: {', '.join(contrib)}")
+    notes.append(f"a custom minimal build takes {config.name} as --include_ops_by_config")
+    return notes
 
 
 def _summarise_usability(text: str) -> tuple[str, list[str]]:

@@ -299,8 +299,8 @@ def _gather_to_block_quantized(graph, name: str, config, shared: tuple[list[str]
     graph.initializer.append(shape)
     nodes = [helper.make_node("Reshape", [names[0], shape.name], [f"{names[0]}_2d"], name=f"{name}_table_2d"),
              helper.make_node("GatherBlockQuantized", [f"{names[0]}_2d", gather.input[1], *names[1:]], [gathered],
-                              name=f"{name}_Q{config.bits}", domain="com.microsoft", bits=config.bits, block_size=config.block_size,
-                              gather_axis=0, quantize_axis=1)]
+                              name=f"{name}_Q{config.bits}", domain="com.microsoft", bits=config.bits,
+                              block_size=config.block_size, gather_axis=0, quantize_axis=1)]
     if gathered != out:  # blocks pad each row up to a whole block: cut the padding off again
         consts = {"starts": [0], "ends": [cols], "axes": [-1]}
         graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"{name}_slice_{k}")

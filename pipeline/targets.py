@@ -105,12 +105,13 @@ class _Target(_Block):
 
 
 class HostTarget(_Target):
-    kind: Literal["host"] = Field(description="This machine, through a child process.")
+    kind: Literal["host"] = Field("host", description="This machine, through a child process.")
     name: str = Field("host", pattern=r"^[A-Za-z0-9._-]+$", description="Name in reports and gates.")
 
 
 class ArmEmulatedTarget(_Target):
-    kind: Literal["arm64-emulated"] = Field(description="An arm64 Debian root run by QEMU user emulation.")
+    kind: Literal["arm64-emulated"] = Field(
+        "arm64-emulated", description="An arm64 Debian root run by QEMU user emulation.")
     name: str = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="Name in reports; default arm64-<cpu>.")
     cpu: Literal["cortex-a53", "cortex-a76", "neoverse-n1", "max"] = Field(
         "cortex-a76", description="Emulated core: cortex-a53 (no dotprod, no fp16), cortex-a76 / neoverse-n1 "
@@ -135,14 +136,14 @@ class ArmEmulatedTarget(_Target):
 
 
 class SshTarget(_Target):
-    kind: Literal["ssh"] = Field(description="A machine reached with the OpenSSH client (a phone, an ARM board).")
+    kind: Literal["ssh"] = Field("ssh", description="A machine reached with the OpenSSH client (phone, ARM board).")
     name: str = Field("ssh", pattern=r"^[A-Za-z0-9._-]+$", description="Name in reports and gates.")
     host: str | None = Field(None, description="Host name or address; default $SLIMFORMER_SSH_HOST.")
     port: int | None = Field(None, ge=1, le=65535, description="SSH port; default $SLIMFORMER_SSH_PORT, else 22.")
     user: str | None = Field(None, description="Login; default $SLIMFORMER_SSH_USER, else ssh's own default.")
     key_file: Path | None = Field(None, description="Private key; default $SLIMFORMER_SSH_KEY, else ssh's own.")
-    python: str | None = Field(None, description="Python with onnxruntime and numpy on the target; default "
-                               "$SLIMFORMER_SSH_PYTHON, else python3.")
+    python: str | None = Field(None, description="Python with onnxruntime and numpy on the target (a command "
+                               "for the remote shell); default $SLIMFORMER_SSH_PYTHON, else python3.")
     remote_dir: str = Field("/tmp/slimformer", pattern=r"^[A-Za-z0-9._/~-]+$",
                             description="Folder on the target for the copied files (one sub-folder per run).")
     connect_timeout_s: int = Field(10, ge=1, description="Seconds ssh waits for the connection.")

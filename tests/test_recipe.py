@@ -71,7 +71,8 @@ def test_checks_against_model_shape(tmp_path):
 
 def test_schema_is_strict_and_documented():
     schema = Recipe.model_json_schema(by_alias=True)
-    assert set(schema["properties"]) == {"name", "model", "calibration", "score", "drop", "export", "validate", "output"}
+    assert set(schema["properties"]) == {"name", "model", "calibration", "score", "drop", "quantize", "export",
+                                         "validate", "output"}
     drop = schema["$defs"]["DropSpec"]
     assert drop["additionalProperties"] is False
     assert all("description" in f for f in drop["properties"].values())

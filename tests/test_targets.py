@@ -259,6 +259,13 @@ def test_ssh_python_without_onnxruntime_says_what_to_install(sshd, tiny, tmp_pat
     assert e.value.reason == "missing-packages"
 
 
+def test_ssh_missing_python_is_named(sshd, tiny, tmp_path):
+    target = _ssh_target(sshd, python="/nonexistent/python3")
+    with pytest.raises(TargetError, match="`/nonexistent/python3` did not run on 127.0.0.1") as e:
+        run_on_target(target, tiny[0], tiny[1], tmp_path, 1, ["--trace"])
+    assert e.value.reason == "missing-packages"
+
+
 def test_ssh_runner_time_out_names_the_target(sshd, tiny, tmp_path):
     slow = tmp_path / "slow-python"  # passes the probe, then hangs in place of the runner
     slow.write_text(f'#!/bin/sh\nif [ "$1" = "-" ]; then exec {sys.executable} "$@"; fi\nexec sleep 300\n')
