@@ -78,17 +78,17 @@ class OnnxInt4Spec(_Spec):
                                   "power of two >= 16. SmolLM2-135M at 16: perplexity +21 % instead of +24 %, "
                                   "17 MB more.")
     symmetric: bool = Field(True, description="Symmetric blocks (no zero points). false stores a zero point per "
-                            "block: SmolLM2-135M perplexity +20 % instead of +24 % for 2.6 MB more (speed not "
+                            "block: SmolLM2-135M perplexity +20 % instead of +24 % for 3.5 MB more (speed not "
                             "yet measured on a quiet machine).")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="MatMulNBits compute type: 4 = int8 activations per block (fastest on CPU), 1 = fp32, "
         "0 = onnxruntime's default. Below 4 the CPU kernel is slower than int8.")
     quantize_lm_head: bool = Field(
         True, description="Quantise the logits projection (the largest matmul; left fp32 it also keeps a tied "
-        "embedding table in fp32: SmolLM2-135M 181 MB instead of 100 MB).")
+        "embedding table in fp32: SmolLM2-135M 181 MB instead of 103 MB).")
     lm_head_bits: Literal[4, 8] = Field(
         8, description="Bits of the logits projection and of the embedding table. SmolLM2-135M perplexity: "
-        "+24 % at 8 (100 MB file), +36 % at 4 (86 MB); the output layer is the most sensitive one.")
+        "+24 % at 8 (103 MB file), +36 % at 4 (89 MB); the output layer is the most sensitive one.")
     quantize_embedding: bool = Field(
         True, description="Quantise the embedding table too (GatherBlockQuantized). With tied embeddings it "
         "reads the lm_head's quantised table, so the table is stored once; needs quantize_lm_head.")
@@ -285,29 +285,36 @@ def _head_gemm_to_nbits(graph, name: str, config) -> tuple[list[str], int]:
 def _gather_to_block_quantized(graph, name: str, config, shared: tuple[list[str], int] | None) -> None:
     """Replace Gather(E, ids) by GatherBlockQuantized over a quantised E: the lm_head's (`shared`) or its own.
 
-    MatMulNBits stores E as [rows, blocks, bytes]; GatherBlockQuantized wants [rows, padded bytes per row]:
-    the same bytes, so a Reshape shares them (as onnxruntime-genai's builder does for tied models).
+    It reads MatMulNBits' [rows, blocks, bytes] table as is (blocks on axis 2), so no Reshape of the table
+    exists for onnxruntime to constant-fold into a second copy (in memory, and in .ort files); only the
+    small scales (and zero points) get a [rows, blocks, 1] copy. Rows come out [.., blocks, block_size].
     """
     import numpy as np
     from onnx import helper, numpy_helper
 
     gather = next(n for n in graph.node if n.name == name)
-    table = _initializer(graph, gather.input[0])
-    rows, cols = table.shape
-    names, padded = shared if shared is not None else _add_table(graph, gather.input[0], table, config)
+    rows, cols = (int(d) for d in next(t for t in graph.initializer if t.name == gather.input[0]).dims)
+    if shared is None:
+        shared = _add_table(graph, gather.input[0], _initializer(graph, gather.input[0]), config)
+    (data, *quant), padded = shared
+    arrays = [_initializer(graph, quant[0]).reshape(rows, -1, 1)]
+    if len(quant) > 1:  # zero points: MatMulNBits packs two 4-bit ones per byte; here one per [.., 1] slot
+        zp = _initializer(graph, quant[1])
+        zp = np.stack([zp & 15, zp >> 4], -1).reshape(rows, -1) if config.bits == 4 else zp.reshape(rows, -1)
+        arrays.append(np.ascontiguousarray(zp[:, :arrays[0].shape[1], None]))
+    extra = {f"{n}_3d": a for n, a in zip(quant, arrays)} | {f"{name}_rows_shape": np.array([0, 0, -1], np.int64)}
+    graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in extra.items())
     out = gather.output[0]
-    gathered = out if padded == cols else out + "_padded"
-    shape = numpy_helper.from_array(np.array([rows, padded * config.bits // 8], np.int64), f"{names[0]}_2d_shape")
-    graph.initializer.append(shape)
-    nodes = [helper.make_node("Reshape", [names[0], shape.name], [f"{names[0]}_2d"], name=f"{name}_table_2d"),
-             helper.make_node("GatherBlockQuantized", [f"{names[0]}_2d", gather.input[1], *names[1:]], [gathered],
+    blocks, flat = f"{out}_blocks", (out if padded == cols else f"{out}_padded")
+    nodes = [helper.make_node("GatherBlockQuantized", [data, gather.input[1], *list(extra)[:-1]], [blocks],
                               name=f"{name}_Q{config.bits}", domain="com.microsoft", bits=config.bits,
-                              block_size=config.block_size, gather_axis=0, quantize_axis=1)]
-    if gathered != out:  # blocks pad each row up to a whole block: cut the padding off again
+                              block_size=config.block_size, gather_axis=0, quantize_axis=2),
+             helper.make_node("Reshape", [blocks, f"{name}_rows_shape"], [flat], name=f"{name}_rows")]
+    if flat != out:  # blocks pad each row up to a whole block: cut the padding off again
         consts = {"starts": [0], "ends": [cols], "axes": [-1]}
         graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"{name}_slice_{k}")
                                  for k, v in consts.items())
-        nodes.append(helper.make_node("Slice", [gathered, *(f"{name}_slice_{k}" for k in consts)], [out],
+        nodes.append(helper.make_node("Slice", [flat, *(f"{name}_slice_{k}" for k in consts)], [out],
                                       name=name + "_unpad"))
     _replace_node(graph, gather, nodes)
 
