@@ -133,7 +133,7 @@ def _tie_lm_head(path: Path, table_shape: tuple[int, int]) -> None:
     ]
     for offset, node in enumerate(new):
         graph.node.insert(at + offset, node)
-    _save(model, path)
+    save_onnx(model, path)
 
 
 def _find_tied_head(graph):
@@ -162,7 +162,8 @@ def _find_tied_head(graph):
     return None
 
 
-def _save(model, path: Path) -> None:
+def save_onnx(model, path: Path) -> None:
+    """Save one ONNX model, with external data beside it only when protobuf's 2 GB limit demands it."""
     import onnx
 
     # One file below protobuf's 2 GB limit; above it, one external data file beside it (as optimum does).

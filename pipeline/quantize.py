@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from .errors import ExportError
+from .export_onnx import save_onnx
 
 OUT_NAME = "model.onnx"
 HEAD_GEMM = "lm_head_gemm"  # export_onnx's name for the tied logits projection
@@ -140,25 +141,15 @@ def quantize_onnx(src: Path, out_dir: Path, spec: QuantSpec) -> QuantizedModel:
         if spec.kind == "onnx-int8" and spec.method == "dynamic":
             _int8_dynamic(model, path, spec)
         elif spec.kind == "onnx-fp16":
-            _save(_fp16(model, spec), path)
+            save_onnx(_fp16(model, spec), path)
         else:
-            _save(_weight_only(model, spec, 8 if spec.kind == "onnx-int8" else 4), path)
+            save_onnx(_weight_only(model, spec, 8 if spec.kind == "onnx-int8" else 4), path)
     except ExportError:
         raise
     except Exception as e:
         raise ExportError(f"onnxruntime could not quantise {src} as {spec.kind}: {e}") from e
     size = sum(f.stat().st_size for f in (path, path.with_name(path.name + "_data")) if f.exists())
     return QuantizedModel(path, spec.kind, spec.name, size)
-
-
-def _save(model, path: Path) -> None:
-    import onnx
-
-    # One file below protobuf's 2 GB limit; above it, one external data file beside it.
-    big = model.ByteSize() > 2**31 - 2**24
-    data = path.with_name(path.name + "_data")
-    data.unlink(missing_ok=True)
-    onnx.save(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True, location=data.name)
 
 
 def _graph_parts(graph):
