@@ -22,6 +22,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Short fixed prose for the conversion check: any text works, it only has to exercise every layer.
 CHECK_TEXT = "The exact date of his birth is not known, but the parish register records his baptism in April."
 MAX_CONVERSION_DIFF = 1e-4
+# Bumped when the conversion's output changes, so cached folders from an older conversion are redone.
+CONVERTER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def _load_packaged(name: str) -> LoadedModel:
     spec = PACKAGED.get(name)
     if spec is None:
         raise ModelError(f"packaged model {name!r} is unknown; packaged models: {', '.join(sorted(PACKAGED))}.")
-    folder = assets.home() / "models" / name
+    folder = assets.home() / "models" / f"{name}-c{CONVERTER_VERSION}"
     if not folder.is_dir():  # the folder only appears once a conversion has passed its checks
         convert_gguf(spec.fetch(), folder, expect_rope_theta=spec.rope_theta)
     model, tokenizer = load_hf_folder(folder)
@@ -199,6 +201,7 @@ def convert_gguf(gguf: Path, dest: Path, expect_rope_theta: float | None = None)
     with assets.staged_folder(dest) as work:
         _plain_copy(reference).save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
+        _byte_level_decoder(work / "tokenizer.json")
         written = json.loads((work / "config.json").read_text()).get("rope_theta")
         if written != freq_base:  # transformers silently falls back to 10000 when the key is lost
             raise ModelError(f"converted config.json has rope_theta {written}, but {gguf.name} says {freq_base}.")
@@ -206,6 +209,8 @@ def convert_gguf(gguf: Path, dest: Path, expect_rope_theta: float | None = None)
         ids = tokenizer(CHECK_TEXT, return_tensors="pt", add_special_tokens=False).input_ids
         if not torch.equal(ids, check_tokenizer(CHECK_TEXT, return_tensors="pt", add_special_tokens=False).input_ids):
             raise ModelError(f"the tokenizer saved from {gguf.name} tokenises differently from the GGUF one.")
+        if check_tokenizer.decode(ids[0]) != CHECK_TEXT:
+            raise ModelError(f"the tokenizer saved from {gguf.name} does not decode its own ids back to the text.")
         with torch.inference_mode():
             diff = (reference(ids).logits - model(ids).logits).abs().max().item()
         if not diff < MAX_CONVERSION_DIFF:
@@ -214,6 +219,22 @@ def convert_gguf(gguf: Path, dest: Path, expect_rope_theta: float | None = None)
         (work / "slimformer_source.json").write_text(json.dumps(
             {"gguf": gguf.name, "gguf_sha256": assets.sha256_file(gguf), "max_abs_logit_diff": diff}, indent=2))
     return dest
+
+
+def _byte_level_decoder(path: Path) -> None:
+    """Give a byte-level BPE tokenizer.json the plain ByteLevel decoder.
+
+    transformers' GGUF conversion writes a SentencePiece-style decoder (ByteFallback, Replace '\u2581')
+    even for GPT-2-style byte-level vocabularies such as SmolLM2's. Hugging Face tokenizers still
+    round-trip, but onnxruntime-extensions (onnxruntime-genai's tokenizer) then maps spaces to '\u2581'
+    and encodes unknown ids, so apps would feed the model wrong tokens.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if (data.get("pre_tokenizer") or {}).get("type") != "ByteLevel" or data["model"].get("type") != "BPE":
+        return
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    data["model"]["byte_fallback"] = False  # every byte has a token in a byte-level vocabulary
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def _plain_copy(gguf_model):
