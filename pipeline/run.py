@@ -8,6 +8,7 @@ is renamed into place only when every stage has finished.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from .artifacts import DropPlan, Scores
 from .errors import GateError
 from .recipe import CalibrationSpec, Recipe, check_against_model
 
+# Encoded by onnxruntime-genai's tokenizer and by the Hugging Face one; both must give the same ids.
+GENAI_CHECK_TEXT = "Hello, world!  It's 2026; caf\u00e9 prices rose 3.5%\n\tand then\u2014fell."
 STAGES = ("load model", "score", "plan", "drop", "export", "quantize", "package", "validate", "report")
 
 
@@ -76,8 +79,6 @@ def export(model, tokenizer, folder: Path, opset: int):
 
 def quantize(fp32: Path, specs, folder: Path) -> dict[str, Path]:
     """One folder per quantised variant (`onnx-<name>/`), with the fp32 folder's config and tokenizer files."""
-    import shutil
-
     from .quantize import quantize_onnx
 
     variants = {}
@@ -92,14 +93,19 @@ def quantize(fp32: Path, specs, folder: Path) -> dict[str, Path]:
 
 def package(variants: dict[str, Path], pruned, tokenizer, spec, folder: Path) -> dict:
     """Mobile deliverables: .ort files and onnxruntime-genai folders per ONNX variant, Core ML packages."""
-    from .mobile import to_ort_format, write_genai_folder
+    from .errors import ExportError
+    from .mobile import genai_tokenizer_problem, to_ort_format, write_genai_folder
 
     out = {"ort": {}, "genai": {}, "coreml": []}
     for name, path in variants.items():
         if spec.ort_format:
             out["ort"][name] = to_ort_format(path, folder / f"ort-{name}").to_json()
         if spec.genai:
-            out["genai"][name] = str(write_genai_folder(path, pruned.config, tokenizer, folder / f"genai-{name}"))
+            genai = write_genai_folder(path, pruned.config, tokenizer, folder / f"genai-{name}")
+            problem = genai_tokenizer_problem(genai, tokenizer, GENAI_CHECK_TEXT)
+            if problem:
+                raise ExportError(problem)
+            out["genai"][name] = str(genai)
     if spec.coreml is not None:
         from .coreml_export import export_coreml, predict_parity
 
@@ -170,6 +176,75 @@ def run(recipe: Recipe) -> Path:
                                  "passed": validation["passed"]})
     print((final / "report.md").read_text())
     failures = gate_failures(validation)
+    if failures:
+        raise GateError(failures, str(final))
+    return final
+
+
+def load_targets(path: Path) -> list:
+    """The `targets:` list of a YAML file (the same entries as a recipe's validate.targets)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from .errors import RecipeError
+    from .recipe import _describe, _resolve_paths
+    from .targets import Target, target_problems, unready_targets
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"file not found: {path}"], str(path))
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("targets"), list):
+        raise RecipeError(["expected a top-level `targets:` list (entries as in a recipe's validate.targets)"],
+                          str(path))
+    data = _resolve_paths({"validate": data}, path.parent)["validate"]
+    try:
+        targets = TypeAdapter(list[Target]).validate_python(data["targets"])
+    except ValidationError as e:
+        raise RecipeError([f"targets.{_describe(err)}" for err in e.errors()], str(path)) from None
+    problems = target_problems(targets) + unready_targets(targets)
+    if problems:
+        raise RecipeError(problems, str(path))
+    return targets
+
+
+def check_run_on_targets(run_dir: Path, targets: list, out: Path | None = None) -> Path:
+    """Validate the files a finished run folder ships on `targets`, judged against that run's pruned PyTorch
+    model and the host; writes targets.json and targets.md to a new folder (`out`, default beside the run).
+    variant_tolerances may name variants this run lacks: one targets file serves runs of several recipes."""
+    from .errors import SlimformerError
+    from .models import load_hf_folder
+    from .ort_runner import save_inputs
+    from .recipe import load_recipe
+    from .reference import torch_greedy_trace
+    from .report import gates_section, targets_section
+    from .rundir import new_run_path, staged_folder
+    from .validate import check_targets, gate_failures, prepare_eval_data
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        raise SlimformerError(f"{run_dir} is not a finished run folder (no manifest.json); pass a folder that "
+                              "`slimformer run` wrote, e.g. runs/smollm2-135m-<time>")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    variants = {name: run_dir / rel for name, rel in manifest["variants"].items()}
+    final = Path(out) if out is not None else new_run_path(run_dir.parent, f"{run_dir.name}-targets")
+    with staged_folder(final) as tmp:
+        pruned, tokenizer = load_hf_folder(run_dir / "hf")
+        data = prepare_eval_data(tokenizer, recipe.validate_)
+        inputs = tmp / "eval_inputs.npz"
+        steps = recipe.validate_.parity_decode_steps
+        save_inputs(inputs, windows=data.windows, trace_input_ids=data.parity_ids,
+                    trace_attention_mask=data.parity_mask, trace_steps=steps)
+        reference, _ = torch_greedy_trace(pruned, data.parity_ids, data.parity_mask, steps)
+        result = check_targets(targets, variants, inputs, reference, tmp / "work", recipe.validate_.latency)
+        result["passed"] = all(g["passed"] for g in result["gates"])
+        (tmp / "targets.json").write_text(json.dumps({"run": str(run_dir), **result}, indent=2))
+        lines = [f"# Targets for {run_dir.name}", "", f"**Verdict: {'PASSED' if result['passed'] else 'FAILED'}**",
+                 *targets_section(result["rows"]), *gates_section(result["gates"])]
+        (tmp / "targets.md").write_text("\n".join(lines) + "\n")
+        shutil.rmtree(tmp / "work")
+    print((final / "targets.md").read_text())
+    failures = gate_failures(result)
     if failures:
         raise GateError(failures, str(final))
     return final
