@@ -5,7 +5,11 @@ BIN    := $(VENV)/bin
 RECIPE ?= recipes/smollm2-135m.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup assets compress test test-slow bench schema arm-root clean
+ARM_TARGETS ?= recipes/targets-arm.yaml
+# The run folder `validate-arm` checks: RUN=runs/<folder>, else the newest default-recipe run (made if none).
+RUN ?= $(shell ls -d runs/smollm2-135m-2*/ 2>/dev/null | grep -v -- -targets- | tail -n 1)
+
+.PHONY: setup assets compress test test-slow bench schema arm-root validate-arm clean
 
 setup: $(STAMP)
 
@@ -31,6 +35,10 @@ bench: assets
 
 arm-root:
 	bash scripts/build_arm_root.sh
+
+validate-arm: assets arm-root
+	@run="$(RUN)"; if [ -z "$$run" ]; then $(MAKE) compress && run=$$(ls -d runs/smollm2-135m-2*/ | grep -v -- -targets- | tail -n 1); fi; \
+	$(BIN)/slimformer targets "$$run" $(ARM_TARGETS)
 
 schema: setup
 	$(BIN)/slimformer schema > recipe.schema.json

@@ -48,6 +48,13 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_targets(args) -> int:
+    from .run import check_run_on_targets, load_targets
+
+    print(f"targets report: {check_run_on_targets(args.run_dir, load_targets(args.targets), args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimformer", description="Drop redundant transformer sublayers, export to ONNX, validate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["attention", "mlp", "blocks", "joint"])
     w.add_argument("--out", default=None, help="also write the table as JSON here")
     w.set_defaults(func=_cmd_sweep)
+    t = sub.add_parser("targets", help="validate a finished run folder's files on other targets "
+                       "(emulated ARM cores, a device over SSH) and print the per-target table")
+    t.add_argument("run_dir", help="a folder written by `slimformer run`, e.g. runs/smollm2-135m-<time>")
+    t.add_argument("targets", help="YAML file with a `targets:` list, e.g. recipes/targets-arm.yaml")
+    t.add_argument("--out", default=None, help="report folder (default: <run_dir>-targets-<time> beside it)")
+    t.set_defaults(func=_cmd_targets)
     return p
 
 

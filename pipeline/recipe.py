@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .coreml_export import CoreMLSpec
 from .errors import RecipeError
 from .quantize import QuantSpec
+from .targets import Target, target_problems, unready_targets
 
 
 class Block(BaseModel):
@@ -114,6 +115,9 @@ class ValidateSpec(Block):
     variant_gates: dict[str, GateSpec] = Field(
         default_factory=dict, description="Gates for one quantised variant, keyed by its name (e.g. a looser "
         "perplexity limit for int4); variants not listed use `gates`.")
+    targets: list[Target] = Field(
+        default_factory=list, description="Where else every variant is run and judged besides this host's "
+        "validation: host, arm64-emulated (QEMU, numbers only) or ssh (a real device; real latency).")
 
 
 class OutputSpec(Block):
@@ -170,6 +174,11 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         section = data.get(block)
         if isinstance(section, dict) and isinstance(section.get(key), list):
             section[key] = [fix(p) if isinstance(p, str) else p for p in section[key]]
+    targets = (data.get("validate") or {}).get("targets") if isinstance(data.get("validate"), dict) else None
+    for target in targets if isinstance(targets, list) else []:
+        for key in ("root", "key_file"):
+            if isinstance(target, dict) and isinstance(target.get(key), str) and not target[key].startswith("~"):
+                target[key] = fix(target[key])
     return data
 
 
@@ -223,6 +232,8 @@ def check_against_model(recipe: Recipe, num_layers: int | None = None) -> None:
         if name not in names:
             problems.append(f"validate.variant_gates.{name}: no quantize variant is named '{name}'; "
                             f"variants: {', '.join(names) or 'none'}")
+    problems += target_problems(recipe.validate_.targets, ["compressed", *names])
+    problems += unready_targets(recipe.validate_.targets)
     coreml = recipe.export.coreml
     if coreml and coreml.stateful and num_layers is not None and num_layers in (d.attention, d.blocks):
         problems.append("export.coreml.stateful: every attention layer would be dropped, so there is no KV state "

@@ -87,6 +87,38 @@ def _packages_section(packages: dict) -> list[str]:
     return ["", "## Mobile packages", "", *lines] if lines else []
 
 
+def targets_section(rows: list[dict]) -> list[str]:
+    """One row per (variant, target): logits against the pruned PyTorch model and against the host running
+    the same file, perplexity against the host on the same windows, latency where timing is real."""
+    if not rows:
+        return []
+    lines = ["", "## Targets", "",
+             "| variant | target | core / features | onnxruntime | max abs logit error vs PyTorch | top-1 | "
+             "max abs diff vs host | relative | perplexity (host) | diff % | decode ms p50 / p90 | peak RSS MB | "
+             "seconds |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        real = r["timing"] == "real"
+        decode = f"{r['decode_p50_ms']:.2f} / {r['decode_p90_ms']:.2f}" if real and r["decode_p50_ms"] else r["timing"]
+        rss = f"{r['peak_rss_mb']:.0f}" if real and r["peak_rss_mb"] else "n/a"
+        lines.append(f"| {r['variant']} | {r['target']} | {r['cpu']} {'+'.join(r['features'] or []) or ''} | "
+                     f"{r['onnxruntime']} | {r['max_abs_logit_error']:.2e} | {r['top1_agreement']:.3f} | "
+                     f"{r['max_abs_diff_vs_host']:.2e} | {r['max_rel_diff_vs_host']:.2e} | {r['perplexity']:.3f} "
+                     f"({r['host_perplexity']:.3f}) | {r['perplexity_diff_pct']:+.3f} | {decode} | {rss} | "
+                     f"{r['seconds']:.0f} |")
+    tokens = rows[0]["perplexity_tokens"]
+    lines += ["", f"Perplexity on each target is over the first {tokens} held-out tokens (fewer under emulation), "
+              "compared with the host on the same tokens. Latency under QEMU emulation is emulation time and "
+              "not reported; ssh targets time the real device."]
+    return lines
+
+
+def gates_section(gates: list[dict]) -> list[str]:
+    return ["", "## Gates", ""] + ([
+        f"- {'PASS' if g['passed'] else 'FAIL'} {g['variant']}{' on ' + g['target'] if g.get('target') else ''} "
+        f"`{g['name']}`: measured {g['value']:.4g}, limit {g['limit']:.4g}" for g in gates]
+        or ["No gates set in the recipe."])
+
+
 def markdown(name: str, plan: DropPlan, validation: dict, packages: dict | None = None) -> str:
     orig, comp = validation["models"]["original"], validation["models"]["compressed"]
     lines = [f"# slimformer run: {name}", "",
@@ -105,10 +137,9 @@ def markdown(name: str, plan: DropPlan, validation: dict, packages: dict | None 
     for tag, p in validation["parity"].items():
         lines.append(f"| {tag} | {p['max_abs_error']:.2e} | {p['mean_abs_error']:.2e} | {p['top1_agreement']:.3f} |")
     first = next(iter(validation["parity"].values()))
-    lines += ["", f"Left-padded batch of {first['batch']}, prefill + {first['decode_steps']} greedy decode steps.",
-              "", "## Gates", ""]
-    lines += [f"- {'PASS' if g['passed'] else 'FAIL'} {g['variant']} `{g['name']}`: measured {g['value']:.4g}, "
-              f"limit {g['limit']:.4g}" for g in validation["gates"]] or ["No gates set in the recipe."]
+    lines += ["", f"Left-padded batch of {first['batch']}, prefill + {first['decode_steps']} greedy decode steps."]
+    lines += targets_section(validation.get("targets", []))
+    lines += gates_section(validation["gates"])
     s = validation["settings"]
     lines += ["", "## How this was measured", "",
               f"onnxruntime {s.get('onnxruntime', '?')} on the host CPU, {s['threads']} threads. Perplexity: "

@@ -166,11 +166,31 @@ class SshTarget(_Target):
 Target = Annotated[HostTarget | ArmEmulatedTarget | SshTarget, Field(discriminator="kind")]
 
 
-def target_problems(targets: list) -> list[str]:
-    """Checks across the `validate.targets` list (names must be unique: they key reports and files)."""
+def target_problems(targets: list, variants: list[str] | None = None) -> list[str]:
+    """Config checks across the list: unique names (they key reports and files), known variant names."""
     names = [t.name for t in targets]
-    return [f"validate.targets: name '{n}' is used {names.count(n)} times; give each target its own name"
-            for n in sorted(set(names)) if names.count(n) > 1]
+    problems = [f"validate.targets: name '{n}' is used {names.count(n)} times; give each target its own name"
+                for n in sorted(set(names)) if names.count(n) > 1]
+    for t in targets:
+        for v in t.variant_tolerances if variants is not None else ():
+            if v not in variants:
+                problems.append(f"validate.targets.{t.name}.variant_tolerances: no variant is named '{v}'; "
+                                f"variants: {', '.join(variants)}")
+    return problems
+
+
+def unready_targets(targets: list) -> list[str]:
+    """What this machine lacks to run the targets, found before any work starts (an emulated target's root)."""
+    problems = []
+    for t in targets:
+        if t.kind == "arm64-emulated":
+            if not (t.resolved_root() / ROOT_MARKER).is_file():
+                problems.append(f"validate.targets.{t.name}: no arm64 root at {t.resolved_root()}; build it with "
+                                "`make arm-root` (about 5 minutes, 450 MB) or set `root:`")
+            elif os.geteuid() != 0:
+                problems.append(f"validate.targets.{t.name}: the arm64 root is entered with chroot, which needs "
+                                "root; run as root or remove the target")
+    return problems
 
 
 def host_counterpart(target) -> HostTarget:

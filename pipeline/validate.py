@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SlimformerError
-from .recipe import GateSpec, ValidateSpec
+from .recipe import GateSpec, LatencySpec, ValidateSpec
 
 RUNNER_TIMEOUT_S = 3600
 
@@ -110,8 +110,56 @@ def evaluate_gates(gates: GateSpec, original: dict, candidate: dict, parity: dic
 
 
 def gate_failures(validation: dict) -> list[str]:
-    return [f"{g['variant']}: {g['name']}: measured {g['value']:.4g}, limit {g['limit']:.4g}"
-            for g in validation["gates"] if not g["passed"]]
+    return [f"{g['variant']}{' on ' + g['target'] if g.get('target') else ''}: {g['name']}: measured "
+            f"{g['value']:.4g}, limit {g['limit']:.4g}" for g in validation["gates"] if not g["passed"]]
+
+
+def check_targets(targets: list, variants: dict[str, Path], inputs: Path, reference: list, workdir: Path,
+                  latency: LatencySpec) -> dict:
+    """Every variant on every target: logits against the PyTorch reference and against the host running the
+    same file, perplexity against the host on the same windows, and latency and peak RSS where timing is real.
+    Returns {"rows": one per (target, variant), "gates": judge()'s gates}."""
+    import time
+
+    from .reference import compare_traces
+    from .targets import host_counterpart, judge, run_on_target
+
+    timing = ["--latency", "--prefill-tokens", str(latency.prefill_tokens), "--decode-context",
+              str(latency.decode_context), "--decode-steps", str(latency.decode_steps)]
+    rows, gates, host_runs = [], [], {}
+    for target in targets:
+        for variant, path in variants.items():
+            key = (variant, target.perplexity_windows)
+            if key not in host_runs:  # the host's figures for the same file and windows, computed once
+                host_runs[key] = run_on_target(host_counterpart(target), path, inputs,
+                                               workdir / f"host-{variant}-{target.perplexity_windows}",
+                                               latency.threads, ["--trace", "--perplexity"])
+            host = host_runs[key]
+            start = time.perf_counter()
+            flags = ["--trace", "--perplexity", *(timing if target.kind != "arm64-emulated" else [])]
+            result = run_on_target(target, path, inputs, workdir / f"{target.name}-{variant}", latency.threads, flags)
+            seconds = time.perf_counter() - start
+            gates += judge(target, variant, host, result, reference)
+            vs_ref = compare_traces(list(reference), list(result["trace"]["logits"]))
+            host_logits, logits = np.asarray(host["trace"]["logits"]), np.asarray(result["trace"]["logits"])
+            vs_host = float(np.abs(logits.astype(np.float64) - host_logits).max())
+            ppl, host_ppl = result["perplexity"]["perplexity"], host["perplexity"]["perplexity"]
+            lat = result.get("latency") or {}
+            info = result["target"]
+            rows.append({
+                "target": target.name, "kind": target.kind, "variant": variant, "timing": result["timing"],
+                "cpu": info.get("cpu") or info.get("machine"), "features": info.get("features"),
+                "onnxruntime": info.get("onnxruntime") or result.get("onnxruntime"), "seconds": seconds,
+                "max_abs_logit_error": vs_ref["max_abs_error"], "top1_agreement": vs_ref["top1_agreement"],
+                "max_abs_diff_vs_host": vs_host,
+                "max_rel_diff_vs_host": vs_host / float(np.abs(host_logits).max()),
+                "perplexity": ppl, "host_perplexity": host_ppl, "perplexity_tokens": result["perplexity"]["tokens"],
+                "perplexity_diff_pct": 100 * (ppl / host_ppl - 1),
+                "prefill_ms": lat.get("prefill_ms"), "decode_p50_ms": lat.get("decode_ms_p50"),
+                "decode_p90_ms": lat.get("decode_ms_p90"), "peak_rss_mb": result.get("peak_rss_mb") if lat else None})
+            print(f"  target {target.name} / {variant}: {seconds:.0f} s, max |logit - host| {vs_host:.2e}, "
+                  f"perplexity {ppl:.3f} (host {host_ppl:.3f})", file=sys.stderr, flush=True)
+    return {"rows": rows, "gates": gates}
 
 
 def validate(original_onnx: Path, variants: dict[str, Path], original_model, pruned_model, data: EvalData,
@@ -143,5 +191,9 @@ def validate(original_onnx: Path, variants: dict[str, Path], original_model, pru
                 "decode_context": spec.latency.decode_context, "decode_steps": spec.latency.decode_steps,
                 "perplexity_tokens": models["original"]["perplexity_tokens"], "mc_items": len(data.mc_items),
                 "onnxruntime": models["original"]["onnxruntime"]}
-    return {"models": models, "parity": parity, "gates": gates,
+    targets = {"rows": [], "gates": []}
+    if spec.targets:
+        targets = check_targets(spec.targets, variants, inputs, reference, workdir / "targets", spec.latency)
+    gates += targets["gates"]
+    return {"models": models, "parity": parity, "targets": targets["rows"], "gates": gates,
             "passed": all(g["passed"] for g in gates), "settings": settings}

@@ -122,3 +122,47 @@ def test_variant_gate_for_unknown_variant_is_refused(tiny_project, capsys):
     assert main(["run", str(tiny_project)]) == 2
     err = capsys.readouterr().err
     assert "variant name 'int8' is used twice" in err and "no quantize variant is named 'int3'" in err
+
+
+def test_targets_judge_every_variant_and_a_failure_names_target_variant_and_limit(tiny_project, capsys):
+    data = yaml.safe_load(tiny_project.read_text())
+    data["quantize"] = [{"kind": "onnx-int8"}]
+    data["validate"]["variant_gates"] = {"int8": {"min_top1_agreement": 0.5}}
+    strict = {"max_abs_logit_error": 1e-12, "min_top1_agreement": None, "max_perplexity_diff_pct": None}
+    data["validate"]["targets"] = [
+        {"kind": "host", "name": "cpu", "perplexity_windows": 1,
+         "variant_tolerances": {"int8": {"max_abs_logit_error": 1.0, "min_top1_agreement": 0.5}}},
+        {"kind": "host", "name": "picky", "tolerances": strict}]
+    tiny_project.write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_project)]) == 3
+    err = capsys.readouterr().err
+    assert "int8 on picky: max_abs_logit_error: measured" in err and "limit 1e-12" in err
+    assert "on cpu:" not in err  # the same files pass where the tolerance is sane
+    final = next((tiny_project.parent / "runs").glob("tiny-*"))
+    report = json.loads((final / "report.json").read_text())
+    rows = {(r["target"], r["variant"]): r for r in report["targets"]}
+    assert set(rows) == {(t, v) for t in ("cpu", "picky") for v in ("compressed", "int8")}
+    cpu = rows[("cpu", "compressed")]
+    assert cpu["perplexity_tokens"] == 31 and cpu["perplexity_diff_pct"] == pytest.approx(0, abs=1e-6)
+    assert cpu["max_abs_logit_error"] < 1e-4 and cpu["decode_p50_ms"] > 0 and cpu["timing"] == "real"
+    assert rows[("picky", "compressed")]["perplexity_tokens"] == 62  # no window limit: both windows
+    assert "| int8 | picky |" in (final / "report.md").read_text()
+
+
+def test_targets_command_checks_a_finished_run_folder(tiny_project, tmp_path, capsys):
+    final = run(load_recipe(tiny_project))
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(yaml.safe_dump({"targets": [
+        {"kind": "host", "name": "again", "perplexity_windows": 1,
+         "variant_tolerances": {"int4": {"max_abs_logit_error": 3.0}}}]}))  # names a variant this run lacks
+    out = tmp_path / "checked"
+    assert main(["targets", str(final), str(targets), "--out", str(out)]) == 0
+    result = json.loads((out / "targets.json").read_text())
+    assert [(r["target"], r["variant"]) for r in result["rows"]] == [("again", "compressed")]
+    assert result["passed"] and {g["name"] for g in result["gates"]} == {
+        "max_abs_logit_error", "min_top1_agreement", "max_perplexity_diff_pct"}
+    assert "| compressed | again |" in capsys.readouterr().out and not (out / "work").exists()
+    targets.write_text(yaml.safe_dump({"targets": [{"kind": "arm64-emulated", "root": "nowhere"}]}))
+    assert main(["targets", str(final), str(targets)]) == 2
+    err = capsys.readouterr().err
+    assert "no arm64 root at" in err and "make arm-root" in err

@@ -77,3 +77,24 @@ def test_schema_is_strict_and_documented():
     assert drop["additionalProperties"] is False
     assert all("description" in f for f in drop["properties"].values())
     json.dumps(schema)
+
+
+def test_targets_are_typed_resolved_and_checked_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path / "home"))
+    p = write(tmp_path, {"name": "x", "quantize": [{"kind": "onnx-int4"}], "validate": {"targets": [
+        {"kind": "ssh", "name": "pi", "host": "10.0.0.7", "key_file": "keys/id_ed25519"},
+        {"kind": "ssh", "name": "pi", "key_file": "~/.ssh/id_ed25519"},
+        {"kind": "arm64-emulated", "cpu": "cortex-a53", "variant_tolerances": {"int5": {"max_abs_logit_error": 2}}},
+    ]}})
+    r = load_recipe(p)
+    pi, pi2, arm = r.validate_.targets
+    assert str(pi.key_file) == str(tmp_path / "keys" / "id_ed25519") and str(pi2.key_file) == "~/.ssh/id_ed25519"
+    assert arm.name == "arm64-cortex-a53" and arm.resolved_root() == tmp_path / "home" / "arm64-root"
+    with pytest.raises(RecipeError) as e:
+        check_against_model(r)
+    msg = str(e.value)
+    assert "name 'pi' is used 2 times" in msg
+    assert "no variant is named 'int5'; variants: compressed, int4" in msg
+    assert "no arm64 root at" in msg and "make arm-root" in msg
+    with pytest.raises(RecipeError, match="cortex-a55"):
+        parse_recipe({"name": "x", "validate": {"targets": [{"kind": "arm64-emulated", "cpu": "cortex-a55"}]}})
