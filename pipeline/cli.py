@@ -48,6 +48,14 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_peers(args) -> int:
+    from .peers import compare
+    from .recipe import load_recipe
+
+    compare(load_recipe(args.recipe), out=args.out)
+    return 0
+
+
 def _cmd_targets(args) -> int:
     from .run import check_run_on_targets, load_targets
 
@@ -72,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["attention", "mlp", "blocks", "joint"])
     w.add_argument("--out", default=None, help="also write the table as JSON here")
     w.set_defaults(func=_cmd_sweep)
+    c = sub.add_parser("peers", help="optimum-cli + onnxruntime quantisation of the undropped model vs the "
+                       "recipe's drop + quantisation: size, KV, perplexity, accuracy, decode ms/token")
+    c.add_argument("recipe", help="recipe whose drop, int8/int4 variants and validation data are compared")
+    c.add_argument("--out", default=None, help="also write the rows as JSON here")
+    c.set_defaults(func=_cmd_peers)
     t = sub.add_parser("targets", help="validate a finished run folder's files on other targets "
                        "(emulated ARM cores, a device over SSH) and print the per-target table")
     t.add_argument("run_dir", help="a folder written by `slimformer run`, e.g. runs/smollm2-135m-<time>")

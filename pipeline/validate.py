@@ -53,7 +53,7 @@ def prepare_eval_data(tokenizer, spec: ValidateSpec) -> EvalData:
     return EvalData(windows=windows, mc_items=mc, parity_ids=ids, parity_mask=mask)
 
 
-def _run_runner(onnx_path: Path, out: Path, flags: list[str], inputs: Path | None, spec: ValidateSpec) -> dict:
+def run_runner(onnx_path: Path, out: Path, flags: list[str], inputs: Path | None, spec: ValidateSpec) -> dict:
     lat = spec.latency
     cmd = [sys.executable, "-m", "pipeline.ort_runner", str(onnx_path), "--out", str(out),
            "--threads", str(lat.threads), "--prefill-tokens", str(lat.prefill_tokens),
@@ -72,8 +72,8 @@ def _run_runner(onnx_path: Path, out: Path, flags: list[str], inputs: Path | Non
 
 def measure_onnx(onnx_path: Path, inputs: Path, workdir: Path, spec: ValidateSpec, tag: str) -> dict:
     """Accuracy figures (and the parity trace) in one child process, latency and peak RSS in another."""
-    acc = _run_runner(onnx_path, workdir / f"{tag}.accuracy.json", ["--perplexity", "--mc", "--trace"], inputs, spec)
-    lat = _run_runner(onnx_path, workdir / f"{tag}.latency.json", ["--latency"], None, spec)
+    acc = run_runner(onnx_path, workdir / f"{tag}.accuracy.json", ["--perplexity", "--mc", "--trace"], inputs, spec)
+    lat = run_runner(onnx_path, workdir / f"{tag}.latency.json", ["--latency"], None, spec)
     files = [onnx_path, *onnx_path.parent.glob(onnx_path.name + "*.data"), *onnx_path.parent.glob("*.onnx_data")]
     return {
         "file_mb": sum(f.stat().st_size for f in set(files)) / 1e6,

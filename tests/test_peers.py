@@ -1,0 +1,28 @@
+"""Peer comparison on a tiny model: optimum-cli + onnxruntime quantisation vs slimformer, measured alike."""
+
+import json
+
+import pytest
+
+from pipeline.peers import markdown_table
+from pipeline.recipe import load_recipe
+
+
+def test_peer_and_slimformer_paths_measured_side_by_side(tiny_project, tmp_path):
+    from pipeline.peers import compare
+
+    out = tmp_path / "peers.json"
+    rows = compare(load_recipe(tiny_project), out=str(out), rounds=1)
+    by = {(r["path"], r["bits"]): r for r in rows}
+    assert set(by) == {(p, b) for p in ("optimum+onnxruntime", "slimformer") for b in ("fp32", "int8", "int4")}
+    peer, slim = by[("optimum+onnxruntime", "fp32")], by[("slimformer", "fp32")]
+    # the recipe drops 1 of 4 attention layers: a quarter less KV cache, at every bit width
+    for bits in ("fp32", "int8", "int4"):
+        assert by[("slimformer", bits)]["kv_kb_per_token"] == pytest.approx(
+            by[("optimum+onnxruntime", bits)]["kv_kb_per_token"] * 3 / 4)
+    assert slim["file_mb"] < peer["file_mb"]
+    assert by[("optimum+onnxruntime", "int4")]["file_mb"] < peer["file_mb"]
+    assert all(r["perplexity"] > 1 and 0 <= r["mc_accuracy"] <= 1 and r["decode_p50_ms"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
+    table = markdown_table(rows)
+    assert "| int4 | slimformer |" in table and "0.750x" in table  # KV ratio column
