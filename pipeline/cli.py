@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from .errors import GateError, SlimformerError
 
@@ -48,6 +50,22 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_heal_sweep(args) -> int:
+    from pathlib import Path
+
+    from .recipe import load_recipe
+    from .sweep import heal_sweep
+
+    sources = {"calibration": None}
+    for item in args.heal_files or []:
+        name, _, files = item.partition("=")
+        if not name or not files:
+            raise SlimformerError(f"--heal-files {item!r}: expected NAME=FILE[,FILE...]")
+        sources[name] = [Path(f).resolve() for f in files.split(",")]
+    heal_sweep(load_recipe(args.recipe), counts=args.counts, sources=sources, out=args.out)
+    return 0
+
+
 def _cmd_peers(args) -> int:
     from .peers import compare
     from .recipe import load_recipe
@@ -80,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["attention", "mlp", "blocks", "joint"])
     w.add_argument("--out", default=None, help="also write the table as JSON here")
     w.set_defaults(func=_cmd_sweep)
+    h = sub.add_parser("heal-sweep", help="perplexity / accuracy vs attention sublayers dropped, one-shot and "
+                       "healed with the recipe's heal block")
+    h.add_argument("recipe", help="recipe with a heal block (its budget and settings are used at every point)")
+    h.add_argument("--counts", type=int, nargs="+", default=[0, 2, 4, 8, 12])
+    h.add_argument("--heal-files", nargs="*", metavar="NAME=FILE[,FILE]",
+                   help="also heal on these texts (one column each), beside the calibration split")
+    h.add_argument("--out", default=None, help="also write the rows as JSON here")
+    h.set_defaults(func=_cmd_heal_sweep)
     c = sub.add_parser("peers", help="optimum-cli + onnxruntime quantisation of the undropped model vs the "
                        "recipe's drop + quantisation: size, KV, perplexity, accuracy, decode ms/token")
     c.add_argument("recipe", help="recipe whose drop, int8/int4 variants and validation data are compared")
@@ -94,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # a kill unwinds like Ctrl-C: staged folders and remote jobs are cleaned up
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
     except GateError as e:

@@ -109,10 +109,12 @@ def _content_key(path: Path) -> str:
     return hashlib.sha256(" ".join(clean_text(raw).split()).encode()).hexdigest()
 
 
-def check_disjoint(calibration_files: list[Path] | None, evaluation_files: list[Path] | None) -> None:
+def check_disjoint(calibration_files: list[Path] | None, evaluation_files: list[Path] | None,
+                   role: str = "calibration") -> None:
     """DataError when a file (same path, or same content under another name) is on both sides.
 
     None stands for the packaged default of that side (evaluation: the evaluation and distractor files).
+    `role` names the first side in the message ("calibration", "healing").
     """
     if calibration_files is None or evaluation_files is None:
         split = default_files()
@@ -123,12 +125,12 @@ def check_disjoint(calibration_files: list[Path] | None, evaluation_files: list[
     cal_keys = {_content_key(p): p for p in calibration_files if Path(p).is_file()}
     for p in evaluation_files:
         if Path(p).resolve() in cal_paths:
-            problems.append(f"{p} is both a calibration and an evaluation file")
+            problems.append(f"{p} is both a {role} and an evaluation file")
         elif Path(p).is_file() and _content_key(p) in cal_keys:
-            problems.append(f"evaluation file {p} has the same text as calibration file {cal_keys[_content_key(p)]}")
+            problems.append(f"evaluation file {p} has the same text as {role} file {cal_keys[_content_key(p)]}")
     if problems:
         raise DataError(
-            "calibration and evaluation text overlap, so evaluation would measure memorised text: "
+            f"{role} and evaluation text overlap, so evaluation would measure memorised text: "
             + "; ".join(problems) + ". Remove the file from one side."
         )
 

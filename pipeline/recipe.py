@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .coreml_export import CoreMLSpec
 from .errors import RecipeError
+from .heal import HealSpec
 from .quantize import QuantSpec
 from .targets import Target, target_problems, unready_targets
 
@@ -130,6 +131,9 @@ class Recipe(Block):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Data for importance scores.")
     score: ScoreSpec = Field(default_factory=ScoreSpec, description="Importance metric.")
     drop: DropSpec = Field(default_factory=DropSpec, description="What to drop.")
+    heal: HealSpec | None = Field(None, description="A short fine-tune of the pruned model after dropping "
+                                  "(distillation from the undropped model and/or next-token loss), merged before "
+                                  "export; omit to export the one-shot drop as is.")
     quantize: list[QuantSpec] = Field(default_factory=list, description="Quantised ONNX variants of the compressed "
                                       "model, each exported, validated and reported on its own.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="Export formats.")
@@ -170,7 +174,8 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
         model["path"] = fix(model["path"])
-    for block, key in (("calibration", "files"), ("validate", "files"), ("validate", "distractor_files")):
+    for block, key in (("calibration", "files"), ("heal", "files"), ("validate", "files"),
+                       ("validate", "distractor_files")):
         section = data.get(block)
         if isinstance(section, dict) and isinstance(section.get(key), list):
             section[key] = [fix(p) if isinstance(p, str) else p for p in section[key]]
@@ -216,8 +221,10 @@ def check_against_model(recipe: Recipe, num_layers: int | None = None) -> None:
                             f"use at most {limit - 1}")
     if num_layers is not None and num_layers in (d.attention, d.blocks):
         problems.append("drop: every attention layer would be dropped; keep at least one")
-    for kind in ("calibration", "validate_"):
-        for f in getattr(recipe, kind).files or []:
+    if recipe.heal is not None and d.method == "none":
+        problems.append("heal: nothing is dropped, so there is nothing to heal; set drop counts or remove heal")
+    for kind in ("calibration", "heal", "validate_"):
+        for f in (getattr(recipe, kind).files if getattr(recipe, kind) is not None else None) or []:
             if not Path(f).is_file():
                 problems.append(f"{kind.rstrip('_')}.files: {f} does not exist")
     for f in recipe.validate_.distractor_files or []:

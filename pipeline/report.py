@@ -119,7 +119,31 @@ def gates_section(gates: list[dict]) -> list[str]:
         or ["No gates set in the recipe."])
 
 
-def markdown(name: str, plan: DropPlan, validation: dict, packages: dict | None = None) -> str:
+def heal_section(healing: dict | None, original: dict) -> list[str]:
+    """Before/after healing (PyTorch, the run's held-out data), with the training budget and the curve."""
+    if not healing:
+        return []
+    b, a = healing["before"], healing["after"]
+
+    def pct(x):
+        return f"{100 * (x / original['perplexity'] - 1):+.1f} %"
+    return ["", "## Healing", "",
+            f"{healing['objective']} on {healing['train']}: {healing['steps']} steps "
+            f"({healing['tokens_seen']} tokens from {healing['windows']} windows) in {healing['seconds']:.0f} s on "
+            f"{healing['device']} (stopped by {healing['stopped_by']}), {healing['trainable_params']:,} trainable "
+            f"parameters; loss {healing['first_loss']:.4f} -> {healing['last_loss']:.4f}. Healed weights sha256 "
+            f"`{healing['weights_sha256'][:16]}...`.", "",
+            "| | original (ONNX) | dropped, before healing | dropped, healed |", "|---|---:|---:|---:|",
+            f"| held-out perplexity | {original['perplexity']:.3f} | {b['perplexity']:.3f} ({pct(b['perplexity'])}) | "
+            f"{a['perplexity']:.3f} ({pct(a['perplexity'])}) |",
+            f"| multiple-choice accuracy | {original['mc_accuracy']:.3f} | {b['mc_accuracy']:.3f} | "
+            f"{a['mc_accuracy']:.3f} |", "",
+            "Before and after are measured in PyTorch on the same held-out windows and items; the table above "
+            "measures the healed model's ONNX export.", "", "![heal loss](heal_curve.png)"]
+
+
+def markdown(name: str, plan: DropPlan, validation: dict, packages: dict | None = None,
+             healing: dict | None = None) -> str:
     orig, comp = validation["models"]["original"], validation["models"]["compressed"]
     lines = [f"# slimformer run: {name}", "",
              f"**Verdict: {'PASSED' if validation['passed'] else 'FAILED'}**", "",
@@ -129,6 +153,7 @@ def markdown(name: str, plan: DropPlan, validation: dict, packages: dict | None 
     for label, key, fmt in _ROWS:
         lines.append(f"| {label} | {_fmt(fmt, orig.get(key))} | {_fmt(fmt, comp.get(key))} | "
                      f"{_ratio(orig.get(key), comp.get(key))} |")
+    lines += heal_section(healing, orig)
     if len(validation["models"]) > 2:
         lines += _variants_table(validation["models"])
     lines += _packages_section(packages or {})
@@ -137,7 +162,9 @@ def markdown(name: str, plan: DropPlan, validation: dict, packages: dict | None 
     for tag, p in validation["parity"].items():
         lines.append(f"| {tag} | {p['max_abs_error']:.2e} | {p['mean_abs_error']:.2e} | {p['top1_agreement']:.3f} |")
     first = next(iter(validation["parity"].values()))
-    lines += ["", f"Left-padded batch of {first['batch']}, prefill + {first['decode_steps']} greedy decode steps."]
+    lines += ["", f"Left-padded batch of {first['batch']}, prefill + {first['decode_steps']} decode steps; every file is "
+              "fed the PyTorch model's greedy tokens (teacher forcing), so each step compares logits on the same "
+              "context."]
     lines += targets_section(validation.get("targets", []))
     lines += gates_section(validation["gates"])
     s = validation["settings"]

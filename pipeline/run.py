@@ -22,7 +22,7 @@ from .recipe import CalibrationSpec, Recipe, check_against_model
 
 # Encoded by onnxruntime-genai's tokenizer and by the Hugging Face one; both must give the same ids.
 GENAI_CHECK_TEXT = "Hello, world!  It's 2026; caf\u00e9 prices rose 3.5%\n\tand then\u2014fell."
-STAGES = ("load model", "score", "plan", "drop", "export", "quantize", "package", "validate", "report")
+STAGES = ("load model", "score", "plan", "drop", "heal", "export", "quantize", "package", "validate", "report")
 
 
 @contextmanager
@@ -67,6 +67,41 @@ def drop(model, drop_plan: DropPlan, tokenizer, folder: Path):
     pruned.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return pruned
+
+
+def heal(pruned, original, tokenizer, recipe: Recipe, data, folder: Path):
+    """(healed model, summary): the pruned model fine-tuned by the recipe's heal block, saved over `folder/hf`,
+    its loss curve in `folder`, and held-out perplexity / accuracy before and after (PyTorch, same data)."""
+    from .heal import heal as train, heal_windows, write_curve
+    from .rundir import sha256_file
+    from .sweep import accuracy_figures
+
+    spec = recipe.heal
+    windows = heal_windows(tokenizer, spec, recipe.calibration.files)
+    before = accuracy_figures(pruned, data)
+    result = train(pruned, original, windows, spec)
+    after = accuracy_figures(result.model, data)
+    write_curve(result, folder)
+    result.model.save_pretrained(folder / "hf")  # replaces the unhealed weights: export reads the healed ones
+    summary = {"objective": spec.objective, "train": spec.train, "steps": result.steps,
+               "stopped_by": result.stopped_by, "seconds": result.seconds, "device": result.device,
+               "trainable_params": result.trainable_params, "windows": int(len(windows)),
+               "tokens_seen": result.steps * spec.batch_size * spec.seq_len,
+               "first_loss": result.curve[0]["loss"], "last_loss": result.curve[-1]["loss"],
+               "before": before, "after": after, "weights_sha256": sha256_file(folder / "hf" / "model.safetensors")}
+    print(f"heal: perplexity {before['perplexity']:.3f} -> {after['perplexity']:.3f}, multiple choice "
+          f"{before['mc_accuracy']:.3f} -> {after['mc_accuracy']:.3f}", file=sys.stderr, flush=True)
+    return result.model, summary
+
+
+def evaluation_files(recipe: Recipe) -> list[Path]:
+    """Every file evaluation reads (held-out text and distractors), packaged defaults included."""
+    from .corpus import default_files
+
+    v = recipe.validate_
+    split = default_files() if v.files is None or v.distractor_files is None else {}
+    return [*(v.files if v.files is not None else split["evaluation"]),
+            *(v.distractor_files if v.distractor_files is not None else split["distractor"])]
 
 
 def export(model, tokenizer, folder: Path, opset: int):
@@ -135,9 +170,10 @@ def run(recipe: Recipe) -> Path:
     from .validate import gate_failures, prepare_eval_data, validate
 
     check_against_model(recipe)  # missing files fail before any download or model load
-    v = recipe.validate_
-    check_disjoint(recipe.calibration.files,
-                   None if v.files is None and v.distractor_files is None else [*(v.files or []), *(v.distractor_files or [])])
+    held_out = evaluation_files(recipe)
+    check_disjoint(recipe.calibration.files, held_out)
+    if recipe.heal is not None:
+        check_disjoint(recipe.heal.files or recipe.calibration.files, held_out, role="healing")
     with _stage("load model"):
         loaded = load(recipe)
     final = new_run_path(recipe.output.dir, recipe.name)
@@ -151,6 +187,11 @@ def run(recipe: Recipe) -> Path:
             drop_plan.write(tmp)
         with _stage("drop"):
             pruned = drop(loaded.model, drop_plan, loaded.tokenizer, tmp / "hf")
+        healing = None
+        with _stage("heal"):
+            data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
+            if recipe.heal is not None:
+                pruned, healing = heal(pruned, loaded.model, loaded.tokenizer, recipe, data, tmp)
         with _stage("export"):
             exported = export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export.opset)
             original_onnx = baseline_onnx(loaded, recipe.export.opset)
@@ -161,14 +202,13 @@ def run(recipe: Recipe) -> Path:
         with _stage("validate"):
             work = tmp / "validation"
             work.mkdir()
-            data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
             validation = validate(original_onnx, variants, loaded.model, pruned, data, recipe.validate_, work,
                                   recipe.validate_.variant_gates)
         with _stage("report"):
-            (tmp / "report.json").write_text(json.dumps({"plan": drop_plan.to_json(), **validation,
+            (tmp / "report.json").write_text(json.dumps({"plan": drop_plan.to_json(), "heal": healing, **validation,
                                                          "packages": packages}, indent=2))
             plot_importance(scores, drop_plan, tmp / "importance.png")
-            (tmp / "report.md").write_text(markdown(recipe.name, drop_plan, validation, packages))
+            (tmp / "report.md").write_text(markdown(recipe.name, drop_plan, validation, packages, healing))
             write_manifest(tmp, {"recipe_sha256": sha256_json(recipe.resolved()),
                                  "source_model": {"description": loaded.description,
                                                   "sha256": loaded.source_sha256},
@@ -233,9 +273,9 @@ def check_run_on_targets(run_dir: Path, targets: list, out: Path | None = None) 
         data = prepare_eval_data(tokenizer, recipe.validate_)
         inputs = tmp / "eval_inputs.npz"
         steps = recipe.validate_.parity_decode_steps
+        reference, tokens = torch_greedy_trace(pruned, data.parity_ids, data.parity_mask, steps)
         save_inputs(inputs, windows=data.windows, trace_input_ids=data.parity_ids,
-                    trace_attention_mask=data.parity_mask, trace_steps=steps)
-        reference, _ = torch_greedy_trace(pruned, data.parity_ids, data.parity_mask, steps)
+                    trace_attention_mask=data.parity_mask, trace_steps=steps, trace_tokens=tokens)
         result = check_targets(targets, variants, inputs, reference, tmp / "work", recipe.validate_.latency)
         result["passed"] = all(g["passed"] for g in result["gates"])
         (tmp / "targets.json").write_text(json.dumps({"run": str(run_dir), **result}, indent=2))

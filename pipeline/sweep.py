@@ -98,3 +98,65 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['variant']} | {r['dropped']} | {r['perplexity']:.2f} | "
             f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f} % | {r['mc_accuracy']:.3f} {timing}")
     return "\n".join(lines)
+
+
+def heal_sweep(recipe: Recipe, counts: list[int], sources: dict[str, list[Path] | None] | None = None,
+               out: str | None = None) -> list[dict]:
+    """Held-out perplexity and multiple-choice accuracy vs attention sublayers dropped, one-shot and after the
+    recipe's heal block, for each healing text in `sources` (name -> files; None = the calibration split).
+    Same scores, data and budget for every point; PyTorch figures, as in `sweep`."""
+    from .corpus import check_disjoint
+    from .heal import heal, heal_windows
+    from .plan import plan_drop
+    from .prune import drop_sublayers
+    from .run import evaluation_files, load, score
+    from .validate import prepare_eval_data
+
+    if recipe.heal is None:
+        raise ValueError(f"recipe '{recipe.name}' has no heal block; the heal sweep uses its budget and settings")
+    sources = sources or {"calibration": None}
+    for files in sources.values():
+        check_disjoint(files or recipe.calibration.files, evaluation_files(recipe), role="healing")
+    loaded = load(recipe)
+    scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
+    data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
+    windows = {name: heal_windows(loaded.tokenizer, recipe.heal.model_copy(update={"files": files}),
+                                  recipe.calibration.files) for name, files in sources.items()}
+    base = {"dropped": 0, **accuracy_figures(loaded.model, data)}
+    rows = [base]
+    print(f"undropped: perplexity {base['perplexity']:.3f}, MC {base['mc_accuracy']:.3f}", file=sys.stderr, flush=True)
+    for n in (c for c in counts if c > 0):
+        plan = plan_drop(scores, attention=n)
+        pruned = drop_sublayers(loaded.model, list(plan.attention), [])
+        row = {"dropped": n, "attention_dropped": list(plan.attention), **accuracy_figures(pruned, data)}
+        for name, train in windows.items():
+            result = heal(pruned, loaded.model, train, recipe.heal, progress=False)
+            healed = accuracy_figures(result.model, data)
+            row[f"healed_{name}"] = {**healed, "seconds": round(result.seconds, 1), "steps": result.steps,
+                                     "stopped_by": result.stopped_by, "windows": int(len(train))}
+            print(f"{n:>3} dropped: perplexity {row['perplexity']:.3f} -> {healed['perplexity']:.3f} ({name}, "
+                  f"{result.steps} steps, {result.seconds:.0f} s), MC {row['mc_accuracy']:.3f} -> "
+                  f"{healed['mc_accuracy']:.3f}", file=sys.stderr, flush=True)
+        rows.append(row)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"model": loaded.description, "rows": rows, "sources": {
+            k: [str(f) for f in v] if v else None for k, v in sources.items()}, "heal": recipe.heal.model_dump(
+            mode="json"), "settings": recipe.validate_.model_dump(mode="json")}, indent=2))
+    print(heal_table(rows, list(sources)))
+    return rows
+
+
+def heal_table(rows: list[dict], sources: list[str]) -> str:
+    base = rows[0]
+
+    def pct(x):
+        return f"{100 * (x / base['perplexity'] - 1):+.1f} %"
+    head = "".join(f" healed on {s}: perplexity | vs undropped | MC | heal s |" for s in sources)
+    lines = [f"| attention dropped | one-shot perplexity | vs undropped | MC accuracy |{head}",
+             "|---:|---:|---:|---:|" + "---:|---:|---:|---:|" * len(sources)]
+    for r in rows:
+        cells = "".join(f" {h['perplexity']:.2f} | {pct(h['perplexity'])} | {h['mc_accuracy']:.3f} | {h['seconds']:.0f} |"
+                        if (h := r.get(f"healed_{s}")) else " | | | |" for s in sources)
+        lines.append(f"| {r['dropped']} | {r['perplexity']:.2f} | {pct(r['perplexity'])} | {r['mc_accuracy']:.3f} |{cells}")
+    return "\n".join(lines)

@@ -130,7 +130,7 @@ def test_targets_judge_every_variant_and_a_failure_names_target_variant_and_limi
     data["validate"]["variant_gates"] = {"int8": {"min_top1_agreement": 0.5}}
     strict = {"max_abs_logit_error": 1e-12, "min_top1_agreement": None, "max_perplexity_diff_pct": None}
     data["validate"]["targets"] = [
-        {"kind": "host", "name": "cpu", "perplexity_windows": 1,
+        {"kind": "host", "name": "cpu", "perplexity_windows": 1, "perplexity_tokens": 16,
          "variant_tolerances": {"int8": {"max_abs_logit_error": 1.0, "min_top1_agreement": 0.5}}},
         {"kind": "host", "name": "picky", "tolerances": strict}]
     tiny_project.write_text(yaml.safe_dump(data))
@@ -143,7 +143,7 @@ def test_targets_judge_every_variant_and_a_failure_names_target_variant_and_limi
     rows = {(r["target"], r["variant"]): r for r in report["targets"]}
     assert set(rows) == {(t, v) for t in ("cpu", "picky") for v in ("compressed", "int8")}
     cpu = rows[("cpu", "compressed")]
-    assert cpu["perplexity_tokens"] == 31 and cpu["perplexity_diff_pct"] == pytest.approx(0, abs=1e-6)
+    assert cpu["perplexity_tokens"] == 15 and cpu["perplexity_diff_pct"] == pytest.approx(0, abs=1e-6)
     assert cpu["max_abs_logit_error"] < 1e-4 and cpu["decode_p50_ms"] > 0 and cpu["timing"] == "real"
     assert rows[("picky", "compressed")]["perplexity_tokens"] == 62  # no window limit: both windows
     assert "| int8 | picky |" in (final / "report.md").read_text()
@@ -166,3 +166,89 @@ def test_targets_command_checks_a_finished_run_folder(tiny_project, tmp_path, ca
     assert main(["targets", str(final), str(targets)]) == 2
     err = capsys.readouterr().err
     assert "no arm64 root at" in err and "make arm-root" in err
+
+
+def test_heal_stage_reports_before_and_after_and_ships_the_healed_weights(tiny_project):
+    import torch
+
+    from pipeline.models import load_model
+
+    data = yaml.safe_load(tiny_project.read_text())
+    data["heal"] = {"steps": 12, "batch_size": 2, "seq_len": 32, "learning_rate": 1e-3, "warmup_steps": 2}
+    tiny_project.write_text(yaml.safe_dump(data))
+    final = run(load_recipe(tiny_project))
+    report = json.loads((final / "report.json").read_text())
+    heal = report["heal"]
+    assert heal["steps"] == 12 and heal["stopped_by"] == "steps"  # loss curves are tested in test_heal.py
+    assert heal["after"]["perplexity"] != heal["before"]["perplexity"]
+    assert heal["weights_sha256"] == sha256_file(final / "hf" / "model.safetensors")
+    assert (final / "heal_curve.png").stat().st_size > 0
+    assert len(json.loads((final / "heal_curve.json").read_text())["curve"]) == 12
+    # the ONNX file is the healed model: parity against the healed PyTorch weights holds
+    assert report["parity"]["compressed"]["max_abs_error"] < 1e-3
+    healed = load_model("hf", path=final / "hf").model
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7, 8]])
+        assert healed(ids).logits.shape == (1, 4, 256)
+    assert "## Healing" in (final / "report.md").read_text()
+
+
+def test_heal_on_evaluation_text_is_refused_and_interrupted_heal_leaves_no_run(tiny_project, capsys, monkeypatch):
+    data = yaml.safe_load(tiny_project.read_text())
+    data["heal"] = {"files": ["eval.txt"], "steps": 2}
+    tiny_project.write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_project)]) == 2
+    err = capsys.readouterr().err
+    assert "healing and evaluation text overlap" in err and "eval.txt is both a healing and an evaluation file" in err
+    assert not (tiny_project.parent / "runs").exists()
+
+    import pipeline.heal
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline.heal, "heal", interrupted)
+    data["heal"] = {"steps": 2}
+    tiny_project.write_text(yaml.safe_dump(data))
+    with pytest.raises(KeyboardInterrupt):
+        run(load_recipe(tiny_project))
+    assert list((tiny_project.parent / "runs").iterdir()) == []  # the staged folder is gone
+
+
+def test_heal_sweep_heals_each_point_on_each_text_and_refuses_evaluation_text(tiny_project, tmp_path):
+    from conftest import synthetic_text
+
+    from pipeline.errors import DataError
+    from pipeline.sweep import heal_sweep
+
+    data = yaml.safe_load(tiny_project.read_text())
+    data["heal"] = {"steps": 3, "batch_size": 2, "seq_len": 32}
+    tiny_project.write_text(yaml.safe_dump(data))
+    domain = tmp_path / "domain.txt"
+    domain.write_text(synthetic_text(7))
+    rows = heal_sweep(load_recipe(tiny_project), counts=[0, 1], sources={"calibration": None, "domain": [domain]},
+                      out=str(tmp_path / "heal.json"))
+    assert [r["dropped"] for r in rows] == [0, 1]
+    assert rows[1]["healed_calibration"]["steps"] == rows[1]["healed_domain"]["steps"] == 3
+    assert rows[1]["healed_calibration"]["perplexity"] != rows[1]["healed_domain"]["perplexity"]
+    with pytest.raises(DataError, match="healing and evaluation text overlap"):
+        heal_sweep(load_recipe(tiny_project), counts=[1], sources={"oops": [tmp_path / "eval.txt"]})
+
+
+def test_killed_during_healing_leaves_no_run_folder(tiny_project):
+    import signal
+    import subprocess
+    import sys
+
+    data = yaml.safe_load(tiny_project.read_text())
+    data["heal"] = {"steps": 100000, "batch_size": 2, "seq_len": 32}
+    tiny_project.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tiny_project)],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "heal ..." in line:
+            break
+    runs = tiny_project.parent / "runs"
+    assert [p.name.split("-")[0] for p in runs.iterdir()] == [".tiny"]  # only the staged, hidden folder
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert list(runs.iterdir()) == []
