@@ -136,16 +136,20 @@ def multiple_choice(lm: OnnxLM, items) -> dict:
     return {"accuracy": correct / max(len(items), 1), "n": len(items)}
 
 
-def greedy_trace(lm: OnnxLM, input_ids, attention_mask, steps: int):
-    """Left-padded prefill then `steps` greedy decode steps. Returns ([batch, vocab] last-position
-    logits of the prefill and of each step, tokens [batch, steps + 1] = their argmaxes)."""
+def greedy_trace(lm: OnnxLM, input_ids, attention_mask, steps: int, forced=None):
+    """Left-padded prefill then `steps` decode steps. Returns ([batch, vocab] last-position logits of the
+    prefill and of each step, tokens [batch, steps + 1] = their argmaxes).
+
+    Each step feeds the argmax of the previous logits, or `forced[:, step]` when given (teacher forcing:
+    a quantised model is then compared with the reference on the reference's own context, instead of
+    drifting onto another continuation after its first different token)."""
     ids = np.asarray(input_ids, np.int64)
     mask = np.asarray(attention_mask, np.int64)
     positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     logits, past = lm.forward(ids, mask, positions, lm.empty_past(len(ids)))
     trace = [logits[:, -1].astype(np.float32)]
-    for _ in range(steps):
-        token = trace[-1].argmax(-1)[:, None]
+    for step in range(steps):
+        token = (trace[-1].argmax(-1) if forced is None else np.asarray(forced, np.int64)[:, step])[:, None]
         mask = np.concatenate([mask, np.ones_like(token)], axis=1)
         logits, past = lm.forward(token, mask, mask.sum(-1, keepdims=True) - 1, past)
         trace.append(logits[:, -1].astype(np.float32))
@@ -179,7 +183,7 @@ def latency(lm: OnnxLM, prefill_tokens: int = 128, decode_context: int = 256, de
 
 
 def save_inputs(path, windows=None, trace_input_ids=None, trace_attention_mask=None, trace_steps: int = 8,
-                mc_items=None) -> None:
+                mc_items=None, trace_tokens=None) -> None:
     """Write the CLI's inputs.npz. Multiple-choice items are ragged, so they are stored flat:
     mc_tokens = every item's context then its choices, concatenated; mc_lengths = those segments' lengths;
     mc_n_choices and mc_answers one entry per item."""
@@ -190,6 +194,8 @@ def save_inputs(path, windows=None, trace_input_ids=None, trace_attention_mask=N
         arrays["trace_input_ids"] = np.asarray(trace_input_ids, np.int64)
         arrays["trace_attention_mask"] = np.asarray(trace_attention_mask, np.int64)
         arrays["trace_steps"] = np.int64(trace_steps)
+    if trace_tokens is not None:  # [batch, >= trace_steps] tokens fed at each decode step (teacher forcing)
+        arrays["trace_tokens"] = np.asarray(trace_tokens, np.int64)
     if mc_items is not None:
         segments = [seg for ctx, choices, _ in mc_items for seg in [ctx, *choices]]
         arrays["mc_tokens"] = np.array([t for seg in segments for t in seg], np.int64)
@@ -263,11 +269,13 @@ def main(argv=None) -> int:
     if args.mc:
         result["multiple_choice"] = multiple_choice(lm, load_mc_items(data))
     if args.trace:
+        forced = data["trace_tokens"] if "trace_tokens" in data else None
         trace, tokens = greedy_trace(lm, data["trace_input_ids"], data["trace_attention_mask"],
-                                     int(data["trace_steps"]))
+                                     int(data["trace_steps"]), forced)
         trace_path = out.with_name(out.stem + ".trace.npz")
         np.savez(trace_path, logits=np.stack(trace), tokens=tokens)
-        result["trace"] = {"npz": str(trace_path), "decode_steps": len(trace) - 1, "tokens": tokens.tolist()}
+        result["trace"] = {"npz": str(trace_path), "decode_steps": len(trace) - 1, "tokens": tokens.tolist(),
+                           "teacher_forced": forced is not None}
     result["peak_rss_mb"] = peak_rss_mb()
     out.write_text(json.dumps(result, indent=2))
     return 0

@@ -171,9 +171,10 @@ def validate(original_onnx: Path, variants: dict[str, Path], original_model, pru
     from .reference import compare_traces, torch_greedy_trace
 
     inputs = workdir / "eval_inputs.npz"
-    save_inputs(inputs, windows=data.windows, trace_input_ids=data.parity_ids,
-                trace_attention_mask=data.parity_mask, trace_steps=spec.parity_decode_steps, mc_items=data.mc_items)
-    reference, _ = torch_greedy_trace(pruned_model, data.parity_ids, data.parity_mask, spec.parity_decode_steps)
+    reference, tokens = torch_greedy_trace(pruned_model, data.parity_ids, data.parity_mask, spec.parity_decode_steps)
+    # Every ONNX file decodes the PyTorch model's greedy tokens, so each step is compared on one context.
+    save_inputs(inputs, windows=data.windows, trace_input_ids=data.parity_ids, trace_attention_mask=data.parity_mask,
+                trace_steps=spec.parity_decode_steps, mc_items=data.mc_items, trace_tokens=tokens)
     models, parity, gates = {}, {}, []
     for tag, path in {"original": original_onnx, **variants}.items():
         figures = measure_onnx(Path(path), inputs, workdir, spec, tag)

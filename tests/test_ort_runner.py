@@ -181,3 +181,24 @@ def test_runner_imports_only_stdlib_numpy_onnxruntime():
             found.add(node.module.split(".")[0])
     allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime"}
     assert found and found <= allowed, found - allowed
+
+
+def test_teacher_forced_trace_decodes_the_given_tokens(exported):
+    model, lm = exported
+    ids, mask = left_padded_batch()
+    free, free_tokens = greedy_trace(lm, ids.numpy(), mask.numpy(), steps=3)
+    # forcing the model's own greedy tokens changes nothing
+    same, _ = greedy_trace(lm, ids.numpy(), mask.numpy(), steps=3, forced=free_tokens)
+    np.testing.assert_allclose(np.stack(same), np.stack(free), atol=1e-6)
+    # forcing other tokens gives the logits PyTorch gives on that context
+    other = (free_tokens + 1) % 256
+    forced, _ = greedy_trace(lm, ids.numpy(), mask.numpy(), steps=3, forced=other)
+    import torch
+
+    context = torch.cat([ids, torch.as_tensor(other[:, :3])], dim=1)
+    full_mask = torch.cat([mask, torch.ones(len(ids), 3, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=context, attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits
+    np.testing.assert_allclose(forced[3], logits[:, -1].numpy(), atol=1e-4)
+    assert np.abs(forced[3] - free[3]).max() > 1e-3
