@@ -91,6 +91,8 @@ class _Target(_Block):
     timeout_s: float = Field(3600, gt=0, description="Limit in seconds for each step on the target (copy, run).")
     perplexity_windows: int | None = Field(
         None, ge=1, description="Score only the first N held-out windows here; null scores them all.")
+    perplexity_tokens: int | None = Field(
+        None, ge=8, description="Score only the first N tokens of each window here; null keeps whole windows.")
     tolerances: Tolerances = Field(default_factory=Tolerances, description="Gates against the host and PyTorch.")
     variant_tolerances: dict[str, ToleranceOverride] = Field(
         default_factory=dict, description="Per-variant changes to `tolerances`, keyed by variant name "
@@ -195,7 +197,8 @@ def unready_targets(targets: list) -> list[str]:
 
 def host_counterpart(target) -> HostTarget:
     """The host run that `judge` compares `target`'s perplexity with: same windows."""
-    return HostTarget(kind="host", name="host", perplexity_windows=target.perplexity_windows)
+    return HostTarget(kind="host", name="host", perplexity_windows=target.perplexity_windows,
+                      perplexity_tokens=target.perplexity_tokens)
 
 
 # --- running ---------------------------------------------------------------------------------------------
@@ -221,12 +224,15 @@ def _model_files(onnx_path: Path) -> list[Path]:
 
 
 def _target_inputs(target, inputs_npz: Path, workdir: Path) -> Path:
-    n = target.perplexity_windows
+    """The inputs cut to the target's perplexity slice (first windows, first tokens of each)."""
     with np.load(inputs_npz) as data:
-        if n is None or "windows" not in data or len(data["windows"]) <= n:
+        if "windows" not in data:
+            return inputs_npz
+        cut = data["windows"][:target.perplexity_windows, :target.perplexity_tokens]
+        if cut.shape == data["windows"].shape:
             return inputs_npz
         arrays = {k: data[k] for k in data.files}
-    arrays["windows"] = arrays["windows"][:n]
+    arrays["windows"] = cut
     path = workdir / f"{target.name}.inputs.npz"
     np.savez(path, **arrays)
     return path
