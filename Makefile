@@ -9,7 +9,7 @@ ARM_TARGETS ?= recipes/targets-arm.yaml
 # The run folder `validate-arm` checks: RUN=runs/<folder>, else the newest default-recipe run (made if none).
 RUN ?= $(shell ls -d runs/smollm2-135m-2*/ 2>/dev/null | grep -v -- -targets- | tail -n 1)
 
-.PHONY: setup assets compress test test-slow bench schema arm-root validate-arm clean
+.PHONY: setup assets compress test test-slow bench bench-sweep bench-peers bench-heal schema arm-root validate-arm clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,20 @@ test: setup
 test-slow: assets
 	$(BIN)/python -m pytest -q -m slow
 
-bench: assets
+MILTON := packaged:miltondata/texts/paradise_lost_(no_introduction)_gut.txt,packaged:miltondata/texts/paradise_regained_gut.txt
+
+bench: bench-sweep bench-peers bench-heal
+
+bench-sweep: assets
 	$(BIN)/slimformer sweep recipes/smollm2-135m-sweep.yaml --out runs/sweep.json
+
+bench-peers: assets
+	$(BIN)/slimformer peers recipes/smollm2-135m-mobile.yaml --out runs/peers.json
+
+bench-heal: assets
+	$(BIN)/slimformer heal-sweep recipes/smollm2-135m-heal-sweep.yaml --counts 0 2 4 8 12 --out runs/heal-sweep.json
+	$(BIN)/slimformer heal-sweep recipes/smollm2-135m-heal-domain.yaml --counts 0 8 \
+		--heal-files 'milton=$(MILTON)' --out runs/heal-domain.json
 
 arm-root:
 	bash scripts/build_arm_root.sh

@@ -53,7 +53,7 @@ def _cmd_sweep(args) -> int:
 def _cmd_heal_sweep(args) -> int:
     from pathlib import Path
 
-    from .recipe import load_recipe
+    from .recipe import load_recipe, resolve_path
     from .sweep import heal_sweep
 
     sources = {"calibration": None}
@@ -61,7 +61,7 @@ def _cmd_heal_sweep(args) -> int:
         name, _, files = item.partition("=")
         if not name or not files:
             raise SlimformerError(f"--heal-files {item!r}: expected NAME=FILE[,FILE...]")
-        sources[name] = [Path(f).resolve() for f in files.split(",")]
+        sources[name] = [Path(resolve_path(f, Path.cwd())) for f in files.split(",")]
     heal_sweep(load_recipe(args.recipe), counts=args.counts, sources=sources, out=args.out)
     return 0
 

@@ -167,10 +167,23 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return [f.alias or n for n, f in cls.model_fields.items()]
 
 
+PACKAGED_TEXT = "packaged:"
+
+
+def resolve_path(p: str, base: Path) -> str:
+    """A recipe path: `packaged:<file>` names a text in the packaged corpus (e.g.
+    packaged:miltondata/texts/comus_gut.txt, fetched once into the cache); others are relative to `base`."""
+    if p.startswith(PACKAGED_TEXT):
+        from .assets import ensure_texts
+
+        return str(ensure_texts() / p[len(PACKAGED_TEXT):])
+    return str(p) if Path(p).is_absolute() else str((base / p).resolve())
+
+
 def _resolve_paths(data: dict, base: Path) -> dict:
     """Paths in a recipe are relative to the recipe file, so a recipe works from any directory."""
     def fix(p):
-        return str(p) if Path(p).is_absolute() else str((base / p).resolve())
+        return resolve_path(p, base)
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
         model["path"] = fix(model["path"])

@@ -107,9 +107,10 @@ def heal_sweep(recipe: Recipe, counts: list[int], sources: dict[str, list[Path] 
     Same scores, data and budget for every point; PyTorch figures, as in `sweep`."""
     from .corpus import check_disjoint
     from .heal import heal, heal_windows
+    from .models import load_model
     from .plan import plan_drop
     from .prune import drop_sublayers
-    from .run import evaluation_files, load, score
+    from .run import evaluation_files, score
     from .validate import prepare_eval_data
 
     if recipe.heal is None:
@@ -117,7 +118,7 @@ def heal_sweep(recipe: Recipe, counts: list[int], sources: dict[str, list[Path] 
     sources = sources or {"calibration": None}
     for files in sources.values():
         check_disjoint(files or recipe.calibration.files, evaluation_files(recipe), role="healing")
-    loaded = load(recipe)
+    loaded = load_model(recipe.model.source, name=recipe.model.name, path=recipe.model.path)
     scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
     data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
     windows = {name: heal_windows(loaded.tokenizer, recipe.heal.model_copy(update={"files": files}),
@@ -125,7 +126,7 @@ def heal_sweep(recipe: Recipe, counts: list[int], sources: dict[str, list[Path] 
     base = {"dropped": 0, **accuracy_figures(loaded.model, data)}
     rows = [base]
     print(f"undropped: perplexity {base['perplexity']:.3f}, MC {base['mc_accuracy']:.3f}", file=sys.stderr, flush=True)
-    for n in (c for c in counts if c > 0):
+    for n in (c for c in counts if 0 < c < scores.num_layers):
         plan = plan_drop(scores, attention=n)
         pruned = drop_sublayers(loaded.model, list(plan.attention), [])
         row = {"dropped": n, "attention_dropped": list(plan.attention), **accuracy_figures(pruned, data)}
