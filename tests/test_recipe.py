@@ -71,7 +71,7 @@ def test_checks_against_model_shape(tmp_path):
 
 def test_schema_is_strict_and_documented():
     schema = Recipe.model_json_schema(by_alias=True)
-    assert set(schema["properties"]) == {"name", "model", "calibration", "score", "drop", "quantize", "export",
+    assert set(schema["properties"]) == {"name", "model", "calibration", "score", "drop", "heal", "quantize", "export",
                                          "validate", "output"}
     drop = schema["$defs"]["DropSpec"]
     assert drop["additionalProperties"] is False
@@ -98,3 +98,13 @@ def test_targets_are_typed_resolved_and_checked_before_any_work(tmp_path, monkey
     assert "no arm64 root at" in msg and "make arm-root" in msg
     with pytest.raises(RecipeError, match="cortex-a55"):
         parse_recipe({"name": "x", "validate": {"targets": [{"kind": "arm64-emulated", "cpu": "cortex-a55"}]}})
+
+
+def test_packaged_text_paths_resolve_into_the_corpus_cache(tmp_path, monkeypatch):
+    import pipeline.assets
+
+    monkeypatch.setattr(pipeline.assets, "ensure_texts", lambda: tmp_path / "texts")
+    p = write(tmp_path, {"name": "x", "heal": {"files": ["packaged:miltondata/texts/comus_gut.txt", "mine.txt"]},
+                         "drop": {"attention": 1}})
+    files = load_recipe(p).heal.files
+    assert files == [tmp_path / "texts" / "miltondata/texts/comus_gut.txt", tmp_path / "mine.txt"]
