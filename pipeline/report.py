@@ -76,10 +76,16 @@ def _variants_table(models: dict) -> list[str]:
 def _packages_section(packages: dict) -> list[str]:
     lines = []
     for name, ort in packages.get("ort", {}).items():
-        lines.append(f"- `{Path(ort['path']).parent.name}/`: .ort for onnxruntime mobile builds ({name}); "
-                     f"usability: {ort['usable_on_mobile']}")
-    for name, folder in packages.get("genai", {}).items():
-        lines.append(f"- `{Path(folder).name}/`: onnxruntime-genai folder ({name})")
+        parity = ort.get("parity_vs_onnx")
+        check = (f"; vs its .onnx: max abs logit diff {parity['max_abs_diff']:.2e}, top-1 {parity['top1_agreement']:.3f}"
+                 if parity else "")
+        lines.append(f"- `{Path(ort['path']).parent.name}/{Path(ort['path']).name}`: .ort for onnxruntime mobile "
+                     f"builds ({name}, {ort['bytes'] / 1e6:.1f} MB); usability: "
+                     f"{ort['usable_on_mobile']}{check}")
+    for name, genai in packages.get("genai", {}).items():
+        problem = genai["tokenizer_problem"]
+        lines.append(f"- `{Path(genai['path']).name}/`: onnxruntime-genai folder ({name}); tokenizer: "
+                     + (f"**PROBLEM**: {problem}" if problem else "onnxruntime-genai encodes like Hugging Face"))
     for pkg in packages.get("coreml", []):
         lines.append(f"- `coreml/{Path(pkg['path']).name}`: {pkg['kv_states']} KV states, "
                      f"{pkg['weight_bytes'] / 1e6:.1f} MB of weights; numerics: "
