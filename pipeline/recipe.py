@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .coreml_export import CoreMLSpec
 from .errors import RecipeError
-from .heal import HealSpec
 from .quantize import QuantSpec
 from .targets import Target, target_problems, unready_targets
 
@@ -73,6 +72,67 @@ class DropSpec(Block):
             return "blocks"
         kinds = [k for k in ("attention", "mlp") if getattr(self, k)]
         return "+".join(kinds) or "none"
+
+
+DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class HealSpec(Block):
+    """A short fine-tune of the pruned model, run after dropping and before export."""
+
+    objective: Literal["distill", "next-token", "distill+next-token"] = Field(
+        "distill", description="distill: KL(teacher || student) between the undropped model's and the pruned "
+        "model's next-token distributions at `temperature` (needs no labels, keeps the student close to the "
+        "original everywhere). next-token: cross-entropy on the training text. distill+next-token: their sum.")
+    temperature: float = Field(
+        1.0, gt=0, description="distill: softmax temperature of both distributions; the KL term is multiplied "
+        "by temperature^2 so that its gradient scale does not depend on it.")
+    hidden_mse_weight: float = Field(
+        0.0, ge=0, description="distill: weight of an extra mean squared error between student and teacher "
+        "hidden states at every decoder layer output (the last one after the final norm, as transformers "
+        "reports it); 0 turns it off. The pruned model keeps every decoder layer, so the states align 1:1.")
+    train: Literal["lora", "norms", "mlp-near-dropped", "all"] = Field(
+        "lora", description="What trains. lora: low-rank adapters on `lora_modules`, merged into the weights "
+        "afterwards. norms: only RMSNorm/LayerNorm weights. mlp-near-dropped: the MLPs of layers whose "
+        "attention was dropped and of the layer right after each, plus every norm. all: every parameter. "
+        "A tied embedding / lm_head table trains only with all.")
+    lora_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_MODULES), min_length=1,
+        description="lora: last name component of the nn.Linear modules inside decoder layers that get "
+        "adapters (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj in Llama-family models).")
+    lora_rank: int = Field(16, ge=1, le=256, description="lora: rank of each adapter.")
+    lora_alpha: float = Field(32.0, gt=0, description="lora: the adapter's output is scaled by "
+                              "lora_alpha / lora_rank.")
+    steps: int = Field(200, ge=1, description="Optimizer steps (fewer when max_seconds runs out first).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak AdamW learning rate (weight decay 0): linear "
+                                 "warm-up over warmup_steps, then cosine decay to 0 at the last step.")
+    warmup_steps: int = Field(10, ge=0, description="Steps of linear learning-rate warm-up (at most steps).")
+    batch_size: int = Field(4, ge=1, le=256, description="Windows per optimizer step.")
+    seq_len: int = Field(256, ge=8, le=8192, description="Tokens per training window.")
+    seed: int = Field(0, description="Seed of the window order and the adapter initialisation.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Time budget of the training loop; training stops after the step that "
+        "crosses it. Omit to run all steps.")
+    files: list[Path] | None = Field(
+        None, description="UTF-8 text files to train on (your own domain text); omit for the packaged "
+        "calibration split. Must not overlap the evaluation text.")
+
+    @model_validator(mode="after")
+    def _fields_match_choices(self):
+        # Defaults pass, so a fully resolved recipe (every field written out) loads again.
+        needs = {}
+        if "distill" not in self.objective:
+            needs |= {f: ("objective: distill or distill+next-token", "objective: distill+next-token")
+                      for f in ("temperature", "hidden_mse_weight")}
+        if self.train != "lora":
+            needs |= {f: ("train: lora", "train: lora") for f in ("lora_modules", "lora_rank", "lora_alpha")}
+        fields = type(self).model_fields
+        problems = [f"{name} applies only to {where}; remove it or set {fix}"
+                    for name, (where, fix) in needs.items()
+                    if getattr(self, name) != fields[name].get_default(call_default_factory=True)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class ExportSpec(Block):
