@@ -6,8 +6,8 @@ cross-entropy on the text, or both. What trains: hand-written LoRA adapters (mer
 nn.Linear weights afterwards, so saved and exported models keep the original module structure and
 parameter names), only the norms, the MLPs around dropped attention, or everything.
 
-Uses the recipe block `recipe.HealSpec` (kept there, free of torch, so `slimformer --help` stays light). Owns the training windows (`heal_windows`), the loop (`heal`) and its loss
-curve (`write_curve`).
+Uses the recipe block `recipe.HealSpec` (kept there, free of torch, so `slimformer --help` stays light).
+Owns the training windows (`heal_windows`), the loop (`heal`) and its loss curve (`write_curve`).
 """
 
 from __future__ import annotations
