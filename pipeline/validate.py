@@ -148,7 +148,7 @@ def check_targets(targets: list, variants: dict[str, Path], inputs: Path, refere
             info = result["target"]
             rows.append({
                 "target": target.name, "kind": target.kind, "variant": variant, "timing": result["timing"],
-                "cpu": info.get("cpu") or info.get("machine"), "features": info.get("features"),
+                "cpu": info.get("cpu") or info.get("machine") or result.get("machine"), "features": info.get("features"),
                 "onnxruntime": info.get("onnxruntime") or result.get("onnxruntime"), "seconds": seconds,
                 "max_abs_logit_error": vs_ref["max_abs_error"], "top1_agreement": vs_ref["top1_agreement"],
                 "max_abs_diff_vs_host": vs_host,
