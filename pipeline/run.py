@@ -253,12 +253,10 @@ def check_run_on_targets(run_dir: Path, targets: list, out: Path | None = None) 
     variant_tolerances may name variants this run lacks: one targets file serves runs of several recipes."""
     from .errors import SlimformerError
     from .models import load_hf_folder
-    from .ort_runner import save_inputs
     from .recipe import load_recipe
-    from .reference import torch_greedy_trace
     from .report import gates_section, targets_section
     from .rundir import new_run_path, staged_folder
-    from .validate import check_targets, gate_failures, prepare_eval_data
+    from .validate import check_targets, gate_failures, prepare_eval_data, write_runner_inputs
 
     run_dir = Path(run_dir)
     if not (run_dir / "manifest.json").is_file():
@@ -272,10 +270,7 @@ def check_run_on_targets(run_dir: Path, targets: list, out: Path | None = None) 
         pruned, tokenizer = load_hf_folder(run_dir / "hf")
         data = prepare_eval_data(tokenizer, recipe.validate_)
         inputs = tmp / "eval_inputs.npz"
-        steps = recipe.validate_.parity_decode_steps
-        reference, tokens = torch_greedy_trace(pruned, data.parity_ids, data.parity_mask, steps)
-        save_inputs(inputs, windows=data.windows, trace_input_ids=data.parity_ids,
-                    trace_attention_mask=data.parity_mask, trace_steps=steps, trace_tokens=tokens)
+        reference = write_runner_inputs(inputs, pruned, data, recipe.validate_.parity_decode_steps, mc=False)
         result = check_targets(targets, variants, inputs, reference, tmp / "work", recipe.validate_.latency)
         result["passed"] = all(g["passed"] for g in result["gates"])
         (tmp / "targets.json").write_text(json.dumps({"run": str(run_dir), **result}, indent=2))

@@ -129,10 +129,10 @@ def check_targets(targets: list, variants: dict[str, Path], inputs: Path, refere
     rows, gates, host_runs = [], [], {}
     for target in targets:
         for variant, path in variants.items():
-            key = (variant, target.perplexity_windows)
-            if key not in host_runs:  # the host's figures for the same file and windows, computed once
+            key = (variant, target.perplexity_windows, target.perplexity_tokens)
+            if key not in host_runs:  # the host's figures for the same file and tokens, computed once
                 host_runs[key] = run_on_target(host_counterpart(target), path, inputs,
-                                               workdir / f"host-{variant}-{target.perplexity_windows}",
+                                               workdir / "-".join(map(str, ("host", *key))),
                                                latency.threads, ["--trace", "--perplexity"])
             host = host_runs[key]
             start = time.perf_counter()
@@ -162,19 +162,27 @@ def check_targets(targets: list, variants: dict[str, Path], inputs: Path, refere
     return {"rows": rows, "gates": gates}
 
 
+def write_runner_inputs(path: Path, pruned_model, data: EvalData, steps: int, mc: bool = True) -> list:
+    """Write the runner's inputs.npz and return the pruned PyTorch model's parity trace. Every ONNX file
+    decodes the PyTorch model's greedy tokens (teacher forcing), so each step is compared on one context."""
+    from .ort_runner import save_inputs
+    from .reference import torch_greedy_trace
+
+    reference, tokens = torch_greedy_trace(pruned_model, data.parity_ids, data.parity_mask, steps)
+    save_inputs(path, windows=data.windows, trace_input_ids=data.parity_ids, trace_attention_mask=data.parity_mask,
+                trace_steps=steps, mc_items=data.mc_items if mc else None, trace_tokens=tokens)
+    return reference
+
+
 def validate(original_onnx: Path, variants: dict[str, Path], original_model, pruned_model, data: EvalData,
              spec: ValidateSpec, workdir: Path, variant_gates: dict[str, GateSpec] | None = None) -> dict:
     """Measure the original ONNX file and every variant of the compressed model ('compressed' is the fp32
     one); each variant's logits are compared with the pruned PyTorch model on the parity batch.
     A variant is gated by `variant_gates[name]` when given, else by the recipe's validate.gates."""
-    from .ort_runner import save_inputs
-    from .reference import compare_traces, torch_greedy_trace
+    from .reference import compare_traces
 
     inputs = workdir / "eval_inputs.npz"
-    reference, tokens = torch_greedy_trace(pruned_model, data.parity_ids, data.parity_mask, spec.parity_decode_steps)
-    # Every ONNX file decodes the PyTorch model's greedy tokens, so each step is compared on one context.
-    save_inputs(inputs, windows=data.windows, trace_input_ids=data.parity_ids, trace_attention_mask=data.parity_mask,
-                trace_steps=spec.parity_decode_steps, mc_items=data.mc_items, trace_tokens=tokens)
+    reference = write_runner_inputs(inputs, pruned_model, data, spec.parity_decode_steps)
     models, parity, gates = {}, {}, []
     for tag, path in {"original": original_onnx, **variants}.items():
         figures = measure_onnx(Path(path), inputs, workdir, spec, tag)

@@ -142,7 +142,7 @@ def test_targets_judge_every_variant_and_a_failure_names_target_variant_and_limi
     data["validate"]["targets"] = [
         {"kind": "host", "name": "cpu", "perplexity_windows": 1, "perplexity_tokens": 16,
          "variant_tolerances": {"int8": {"max_abs_logit_error": 1.0, "min_top1_agreement": 0.5}}},
-        {"kind": "host", "name": "picky", "tolerances": strict}]
+        {"kind": "host", "name": "picky", "perplexity_windows": 1, "tolerances": strict}]
     tiny_project.write_text(yaml.safe_dump(data))
     assert main(["run", str(tiny_project)]) == 3
     err = capsys.readouterr().err
@@ -155,7 +155,8 @@ def test_targets_judge_every_variant_and_a_failure_names_target_variant_and_limi
     cpu = rows[("cpu", "compressed")]
     assert cpu["perplexity_tokens"] == 15 and cpu["perplexity_diff_pct"] == pytest.approx(0, abs=1e-6)
     assert cpu["max_abs_logit_error"] < 1e-4 and cpu["decode_p50_ms"] > 0 and cpu["timing"] == "real"
-    assert rows[("picky", "compressed")]["perplexity_tokens"] == 62  # no window limit: both windows
+    picky = rows[("picky", "compressed")]  # same window as "cpu" but whole: its own host run, not cpu's
+    assert picky["perplexity_tokens"] == 31 and picky["perplexity_diff_pct"] == pytest.approx(0, abs=1e-6)
     assert "| int8 | picky |" in (final / "report.md").read_text()
 
 
