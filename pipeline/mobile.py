@@ -217,13 +217,19 @@ def genai_config(graph, model_config, tokenizer, filename: str) -> dict:
 
 def genai_tokenizer_problem(folder: Path, tokenizer, text: str) -> str | None:
     """None if onnxruntime-genai's tokenizer (onnxruntime-extensions) reads the folder's tokenizer files and
-    encodes `text` as `tokenizer` does; otherwise what went wrong. Loads the model once (a session)."""
-    import onnxruntime_genai as og
-
+    encodes `text` as `tokenizer` does; otherwise what went wrong. Loads the model once (a session), in a
+    child process: onnxruntime-genai can crash outright on tokenizer files it does not support."""
+    script = ("import json, sys, onnxruntime_genai as og; folder, text = json.load(sys.stdin); "
+              "print(json.dumps([int(t) for t in og.Tokenizer(og.Model(folder)).encode(text)]))")
     try:
-        got = [int(t) for t in og.Tokenizer(og.Model(str(folder))).encode(text)]
-    except Exception as e:  # genai raises RuntimeError / OrtException subclasses with a plain message
-        return f"onnxruntime-genai cannot load the tokenizer files in {folder}: {e}"
+        proc = subprocess.run([sys.executable, "-c", script], input=json.dumps([str(folder), text]),
+                              capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"onnxruntime-genai took over {TOOL_TIMEOUT_S} s to load the tokenizer files in {folder}"
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return f"onnxruntime-genai cannot load the tokenizer files in {folder}: {reason}"
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
     want = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if got == want:
         return None
