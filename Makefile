@@ -9,7 +9,7 @@ ARM_TARGETS ?= recipes/targets-arm.yaml
 # The run folder `validate-arm` checks: RUN=runs/<folder>, else the newest default-recipe run (made if none).
 RUN ?= $(shell ls -d runs/smollm2-135m-2*/ 2>/dev/null | grep -v -- -targets- | tail -n 1)
 
-.PHONY: setup assets compress test test-slow bench bench-sweep bench-peers bench-heal schema arm-root validate-arm clean
+.PHONY: setup assets compress test test-slow bench bench-sweep bench-peers bench-heal docs schema arm-root validate-arm clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,9 @@ arm-root:
 validate-arm: assets arm-root
 	@run="$(RUN)"; if [ -z "$$run" ]; then $(MAKE) compress && run=$$(ls -d runs/smollm2-135m-2*/ | grep -v -- -targets- | tail -n 1); fi; \
 	$(BIN)/slimformer targets "$$run" $(ARM_TARGETS)
+
+docs: setup
+	$(BIN)/slimformer docs --out docs/recipe-reference.md
 
 schema: setup
 	$(BIN)/slimformer schema > recipe.schema.json

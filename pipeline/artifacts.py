@@ -1,31 +1,45 @@
-"""Typed artifacts passed between stages and written into the run folder.
+"""Typed artifacts: every record a stage hands to the next, and every JSON file a run folder holds.
 
-Each is a frozen dataclass with a schema version and `to_json`/`from_json`, so a later stage (or a
-later run) can read what an earlier one wrote. The run folder itself is managed by `pipeline.run`.
+Each is a frozen dataclass deriving from `Artifact`, which gives it `to_json` / `from_json` (through pydantic's
+TypeAdapter, so nested records, tuples and paths round-trip) and a schema version that `from_json` checks.
+Nothing here imports a stage: configuration, stages and the CLI all read these types.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import ClassVar, Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
-class _Artifact:
-    filename: str = ""
+@cache
+def _adapter(cls):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(cls)
+
+
+class Artifact:
+    """Base of every record. `filename` names its file in a run folder, where it has one."""
+
+    filename: ClassVar[str] = ""
+    # parity SQNR is infinite for identical traces: keep inf as a number (JSON Infinity) instead of null.
+    __pydantic_config__: ClassVar[dict] = {"ser_json_inf_nan": "constants"}
 
     def to_json(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        return {"schema_version": SCHEMA_VERSION, **_adapter(type(self)).dump_python(self, mode="json")}
 
     @classmethod
     def from_json(cls, data: dict):
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"{cls.__name__}: schema_version {version} is not {SCHEMA_VERSION}")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
+            raise ValueError(f"{cls.__name__}: schema_version {version} is not {SCHEMA_VERSION}; this file was "
+                             "written by another slimformer version")
+        return _adapter(cls).validate_python({k: v for k, v in data.items() if k != "schema_version"})
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / self.filename
@@ -37,8 +51,32 @@ class _Artifact:
         return cls.from_json(json.loads((Path(folder) / cls.filename).read_text()))
 
 
+# ---------------------------------------------------------------- the model and what to drop
+
 @dataclass(frozen=True)
-class Scores(_Artifact):
+class ModelInfo(Artifact):
+    """A model's shape, read from config.json or GGUF metadata before any weight is loaded."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    source: str  # where the figures were read: "config.json of <folder>" or "GGUF metadata of <file>"
+
+    @property
+    def linear_input_widths(self) -> tuple[int, ...]:
+        """Input widths of the decoder's linear layers (q/k/v/gate/up/lm_head, o, down)."""
+        return tuple(sorted({self.hidden_size, self.num_heads * self.head_dim, self.intermediate_size}))
+
+
+@dataclass(frozen=True)
+class Scores(Artifact):
     """Importance of every sublayer and block: mean of 1 - cos(X, Y) over calibration tokens."""
 
     model: str
@@ -47,7 +85,7 @@ class Scores(_Artifact):
     attention: tuple[float, ...]
     mlp: tuple[float, ...]
     block: tuple[float, ...]
-    filename = "scores.json"
+    filename: ClassVar[str] = "scores.json"
 
     @property
     def num_layers(self) -> int:
@@ -55,22 +93,275 @@ class Scores(_Artifact):
 
 
 @dataclass(frozen=True)
-class DropPlan(_Artifact):
+class DropPlan(Artifact):
     """Which sublayers to remove (original layer indices), and why."""
 
     method: str
     attention: tuple[int, ...]
     mlp: tuple[int, ...]
     num_layers: int
-    order: tuple[tuple[str, int, float], ...] = field(default=())  # (kind, layer, score), in drop order
-    filename = "plan.json"
-
-    @classmethod
-    def from_json(cls, data: dict):
-        plan = super().from_json(data)
-        return cls(plan.method, plan.attention, plan.mlp, plan.num_layers,
-                   tuple(tuple(x) for x in plan.order))
+    order: tuple[tuple[str, int, float], ...] = ()  # (kind, layer, score), in drop order
+    filename: ClassVar[str] = "plan.json"
 
     @property
     def kept_attention(self) -> int:
         return self.num_layers - len(self.attention)
+
+
+@dataclass(frozen=True)
+class Accuracy(Artifact):
+    """Held-out perplexity and multiple-choice accuracy of one model on one evaluation set."""
+
+    perplexity: float
+    mc_accuracy: float
+
+
+@dataclass(frozen=True)
+class HealCurve(Artifact):
+    """heal_curve.json: the training loss per step (and the kl / ce / mse terms the objective uses)."""
+
+    steps: int
+    stopped_by: Literal["steps", "time"]
+    seconds: float
+    trainable_params: int
+    device: str
+    curve: tuple[dict[str, float], ...]
+    filename: ClassVar[str] = "heal_curve.json"
+
+
+@dataclass(frozen=True)
+class HealSummary(Artifact):
+    """What the heal stage did and what it changed (PyTorch figures on the run's held-out data)."""
+
+    objective: str
+    train: str
+    steps: int
+    stopped_by: Literal["steps", "time"]
+    seconds: float
+    device: str
+    trainable_params: int
+    windows: int
+    tokens_seen: int
+    first_loss: float
+    last_loss: float
+    before: Accuracy
+    after: Accuracy
+    weights_sha256: str | None  # of the healed model.safetensors, when saved
+
+
+# ---------------------------------------------------------------- exported files
+
+@dataclass(frozen=True)
+class OnnxExport(Artifact):
+    path: Path
+    kv_layers: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    graph: Literal["optimum", "fused"] = "optimum"
+
+
+@dataclass(frozen=True)
+class QuantizedModel(Artifact):
+    path: Path
+    kind: str
+    name: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class OrtParity(Artifact):
+    """A .ort file against the .onnx it came from, on the same tokens."""
+
+    max_abs_diff: float
+    top1_agreement: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class OrtFormat(Artifact):
+    path: Path
+    required_operators_config: Path
+    usable_on_mobile: str  # short verdict: which execution provider to use on phones
+    details: tuple[str, ...]
+    bytes: int = 0
+    parity_vs_onnx: OrtParity | None = None
+
+
+@dataclass(frozen=True)
+class GenaiFolder(Artifact):
+    path: Path
+    tokenizer_problem: str | None  # None: onnxruntime-genai encodes like Hugging Face
+
+
+@dataclass(frozen=True)
+class CoreMLNumerics(Artifact):
+    checked: bool
+    reason: str | None = None
+    tokens: int = 0
+    max_abs_logit_error: float | None = None
+    mean_abs_logit_error: float | None = None
+    top1_agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class CoreMLPackage(Artifact):
+    """One written .mlpackage, its structure as read back from disk. kv_states counts state tensors
+    (a key and a value per kept attention layer); shapes give flexible dims as 'low..high'."""
+
+    path: Path
+    variant: str
+    stateful: bool
+    kv_states: int
+    inputs: dict[str, list]
+    outputs: dict[str, list]
+    states: dict[str, list[int]]
+    op_counts: dict[str, int]
+    weight_bytes: int
+    numerics: CoreMLNumerics | None = None
+
+    @property
+    def kv_layers(self) -> int:
+        return self.kv_states // 2
+
+
+@dataclass(frozen=True)
+class Packages(Artifact):
+    """Mobile deliverables, keyed by variant name."""
+
+    ort: dict[str, OrtFormat] = field(default_factory=dict)
+    genai: dict[str, GenaiFolder] = field(default_factory=dict)
+    coreml: tuple[CoreMLPackage, ...] = ()
+
+
+# ---------------------------------------------------------------- measurements
+
+@dataclass(frozen=True)
+class ModelFigures(Artifact):
+    """One ONNX file measured by the runner: size, KV cache, accuracy, latency, memory."""
+
+    file_mb: float
+    kv_layers: int
+    kv_kb_per_token: float
+    perplexity: float
+    perplexity_tokens: int
+    mc_accuracy: float
+    prefill_ms: float
+    decode_p50_ms: float
+    decode_p90_ms: float
+    peak_rss_mb: float
+    onnxruntime: str
+    params_m: float
+    accuracy_cached: bool = False  # perplexity and accuracy read from the baseline cache, not re-scored
+
+
+@dataclass(frozen=True)
+class Parity(Artifact):
+    """ONNX logits against the pruned PyTorch model over a teacher-forced greedy trace."""
+
+    max_abs_error: float
+    mean_abs_error: float
+    top1_agreement: float
+    sqnr_db: float
+    steps: int
+    batch: int = 0
+    decode_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Gate(Artifact):
+    variant: str
+    name: str
+    value: float
+    limit: float
+    passed: bool
+    target: str | None = None
+
+    def failure(self) -> str:
+        where = f"{self.variant}{' on ' + self.target if self.target else ''}"
+        return f"{where}: {self.name}: measured {self.value:.4g}, limit {self.limit:.4g}"
+
+
+@dataclass(frozen=True)
+class TargetRow(Artifact):
+    """One variant on one target, judged against PyTorch and against this host running the same file."""
+
+    target: str
+    kind: str
+    variant: str
+    timing: str
+    cpu: str | None
+    features: tuple[str, ...] | None
+    onnxruntime: str | None
+    seconds: float
+    max_abs_logit_error: float
+    top1_agreement: float
+    max_abs_diff_vs_host: float
+    max_rel_diff_vs_host: float
+    perplexity: float
+    host_perplexity: float
+    perplexity_tokens: int
+    perplexity_diff_pct: float
+    prefill_ms: float | None = None
+    decode_p50_ms: float | None = None
+    decode_p90_ms: float | None = None
+    peak_rss_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class ValidationSettings(Artifact):
+    threads: int
+    prefill_tokens: int
+    decode_context: int
+    decode_steps: int
+    latency_rounds: int
+    perplexity_tokens: int
+    mc_items: int
+    onnxruntime: str
+
+
+@dataclass(frozen=True)
+class Validation(Artifact):
+    models: dict[str, ModelFigures]  # "original", "compressed" (fp32), then each quantised variant
+    parity: dict[str, Parity]
+    targets: tuple[TargetRow, ...]
+    gates: tuple[Gate, ...]
+    settings: ValidationSettings
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def failures(self) -> list[str]:
+        return [g.failure() for g in self.gates if not g.passed]
+
+
+@dataclass(frozen=True)
+class TargetsReport(Artifact):
+    """`slimformer targets`: a finished run's files judged on other targets."""
+
+    run: str
+    rows: tuple[TargetRow, ...]
+    gates: tuple[Gate, ...]
+    filename: ClassVar[str] = "targets.json"
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+@dataclass(frozen=True)
+class Report(Artifact):
+    """report.json: everything a run measured, in one typed record."""
+
+    name: str
+    plan: DropPlan
+    heal: HealSummary | None
+    validation: Validation
+    packages: Packages
+    stage_seconds: dict[str, float]
+    wall_seconds: float
+    filename: ClassVar[str] = "report.json"
+
+    @property
+    def passed(self) -> bool:
+        return self.validation.passed

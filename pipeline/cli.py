@@ -1,60 +1,76 @@
 """The `slimformer` command: parse arguments, load the recipe, call the pipeline. Nothing else.
 
-Heavy libraries are imported by the commands that need them, so `slimformer --help` and
-`slimformer schema` answer at once.
+Heavy libraries are imported by the commands that need them, so `slimformer --help` and `slimformer schema`
+answer at once. Exit codes: 0 done, 2 bad input (the message says what to change), 3 a validation gate
+failed (the run folder is written), 130 interrupted, 143 terminated.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 
 from .errors import GateError, SlimformerError
 
+EXIT_BAD_INPUT, EXIT_GATE = 2, 3
+
 
 def _cmd_run(args) -> int:
-    from .recipe import load_recipe
-    from .run import run
+    from .config.loading import load_recipe
+    from .stages import run
 
-    result = run(load_recipe(args.recipe))
-    print(f"run folder: {result}")
+    run(load_recipe(args.recipe))
     return 0
 
 
 def _cmd_schema(args) -> int:
-    from .recipe import Recipe
+    from .config.recipe import Recipe
 
     print(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
     return 0
 
 
+def _cmd_docs(args) -> int:
+    from .config.reference import recipe_reference
+
+    text = recipe_reference()
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def _cmd_fetch(args) -> int:
-    from .assets import ensure_smollm2_gguf, ensure_texts
-    from .models import load_model
+    from .model.assets import ensure_smollm2_gguf, ensure_texts
+    from .model.loading import load_model
 
     print(f"texts: {ensure_texts()}")
     print(f"model: {ensure_smollm2_gguf()}")
-    loaded = load_model("packaged", name="smollm2-135m")
-    print(f"converted: {loaded.folder}")
+    print(f"converted: {load_model('packaged', name='smollm2-135m').folder}")
     return 0
 
 
 def _cmd_sweep(args) -> int:
-    from .recipe import load_recipe
-    from .sweep import sweep
+    from .bench.sweep import sweep
+    from .config.loading import load_recipe
 
-    sweep(load_recipe(args.recipe), counts=args.counts, variants=args.variants, out=args.out)
+    sweep(load_recipe(args.recipe), counts=args.counts, kinds=args.variants, out=args.out)
     return 0
 
 
 def _cmd_heal_sweep(args) -> int:
     from pathlib import Path
 
-    from .recipe import load_recipe, resolve_path
-    from .sweep import heal_sweep
+    from .bench.heal_sweep import heal_sweep
+    from .config.loading import load_recipe
+    from .config.paths import resolve_path
 
     sources = {"calibration": None}
     for item in args.heal_files or []:
@@ -67,31 +83,39 @@ def _cmd_heal_sweep(args) -> int:
 
 
 def _cmd_peers(args) -> int:
-    from .peers import compare
-    from .recipe import load_recipe
+    from .bench.peers import compare
+    from .config.loading import load_recipe
 
     compare(load_recipe(args.recipe), out=args.out)
     return 0
 
 
 def _cmd_targets(args) -> int:
-    from .run import check_run_on_targets, load_targets
+    from .config.loading import load_targets
+    from .stages import check_run
 
-    print(f"targets report: {check_run_on_targets(args.run_dir, load_targets(args.targets), args.out)}")
+    print(f"targets report: {check_run(args.run_dir, load_targets(args.targets), args.out)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimformer", description="Drop redundant transformer sublayers, export to ONNX, validate.")
+    p = argparse.ArgumentParser(prog="slimformer", description="Compress a transformer LM for phones: score and "
+                                "drop sublayers, heal, quantise, export (ONNX, .ort, onnxruntime-genai, Core ML) "
+                                "and validate against the original.")
+    p.add_argument("--verbose", action="store_true", help="show library output (exporter warnings, onnxruntime "
+                   "logs) on the terminal instead of only in the run's log file")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the whole pipeline on a recipe and write a run folder")
     r.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/smollm2-135m.yaml")
     r.set_defaults(func=_cmd_run)
     s = sub.add_parser("schema", help="print the recipe JSON Schema (for editor completion and checks)")
     s.set_defaults(func=_cmd_schema)
+    d = sub.add_parser("docs", help="print (or write) the recipe reference generated from the schema")
+    d.add_argument("--out", default=None, help="write it here, e.g. docs/recipe-reference.md")
+    d.set_defaults(func=_cmd_docs)
     f = sub.add_parser("fetch", help="download and verify the packaged model and texts into the cache")
     f.set_defaults(func=_cmd_fetch)
-    w = sub.add_parser("sweep", help="perplexity / accuracy / latency vs sublayers dropped, per variant")
+    w = sub.add_parser("sweep", help="perplexity / accuracy / latency vs sublayers dropped, per kind")
     w.add_argument("recipe", help="recipe whose model, data and validation settings the sweep uses")
     w.add_argument("--counts", type=int, nargs="+", default=[0, 2, 4, 6, 8, 10, 12, 14, 16])
     w.add_argument("--variants", nargs="+", default=["attention", "mlp", "blocks", "joint"],
@@ -106,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also heal on these texts (one column each), beside the calibration split")
     h.add_argument("--out", default=None, help="also write the rows as JSON here")
     h.set_defaults(func=_cmd_heal_sweep)
-    c = sub.add_parser("peers", help="optimum-cli + onnxruntime quantisation of the undropped model vs the "
-                       "recipe's drop + quantisation: size, KV, perplexity, accuracy, decode ms/token")
+    c = sub.add_parser("peers", help="what users run today (optimum + onnxruntime quantisation of the undropped "
+                       "model) vs the recipe's drop + quantisation: size, KV, perplexity, accuracy, decode ms/token")
     c.add_argument("recipe", help="recipe whose drop, int8/int4 variants and validation data are compared")
     c.add_argument("--out", default=None, help="also write the rows as JSON here")
     c.set_defaults(func=_cmd_peers)
@@ -126,16 +150,23 @@ def _exit_on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from .console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
     except GateError as e:
         print(f"slimformer: {e}", file=sys.stderr)
-        return 3
+        return EXIT_GATE
     except SlimformerError as e:
         print(f"slimformer: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("slimformer: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

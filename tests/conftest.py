@@ -72,19 +72,33 @@ def synthetic_text(seed: int, paragraphs: int = 60) -> str:
     return "\n\n".join(paras) + "\n"
 
 
-def save_tiny_folder(folder, arch: str = "llama", texts=()):
-    """A tiny model plus a word-level tokenizer trained on `texts`, as a Hugging Face folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+BPE_VOCAB = 320  # the 256 byte symbols, one special token and 63 merges
+
+
+def byte_level_bpe(texts, vocab_size: int = BPE_VOCAB, gguf_decoder: bool = False):
+    """A tiny byte-level BPE tokenizer (GPT-2 / SmolLM2 style), the kind onnxruntime-genai reads. With
+    `gguf_decoder`, the SentencePiece-style decoder that transformers' GGUF conversion writes for SmolLM2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(
-        vocab_size=TINY["vocab_size"], special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", padding_side="left")
-    tiny_model(arch).save_pretrained(folder)
-    fast.save_pretrained(folder)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if gguf_decoder:
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "),
+                                         decoders.ByteLevel()])
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   padding_side="left")
+
+
+def save_tiny_folder(folder, arch: str = "llama", texts=()):
+    """A tiny model plus a byte-level BPE tokenizer trained on `texts`, as a Hugging Face folder."""
+    tokenizer = byte_level_bpe(texts)
+    tiny_model(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+               eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -107,7 +121,7 @@ def tiny_project(tmp_path, monkeypatch):
                      "seq_len": 32, "mc_items": 5, "parity_decode_steps": 4,
                      "latency": {"prefill_tokens": 8, "decode_context": 16, "decode_steps": 4},
                      "gates": {"min_top1_agreement": 0.99, "max_abs_logit_error": 0.01}},
-        "output": {"dir": str(tmp_path / "runs")},
+        "output": {"dir": "runs"},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, tiny_model
-from pipeline.adapters import ADAPTERS, adapter_for, decoder_layers
+from pipeline.model.adapters import ADAPTERS, adapter_for, decoder_layers
 from pipeline.errors import ModelError
-from pipeline.prune import drop_sublayers
-from pipeline.scoring import score_model
+from pipeline.model.prune import drop_sublayers
+from pipeline.model.scoring import score_model
 
 TESTED = {"llama", "mistral", "qwen2", "qwen3"}
 

@@ -9,7 +9,8 @@ from pipeline.rundir import staged_folder, write_manifest
 
 
 def test_import_and_help_stay_light():
-    code = ("import sys, pipeline.cli, pipeline.recipe, pipeline.run, pipeline.ort_runner; "
+    code = ("import sys, pipeline.cli, pipeline.config.loading, pipeline.config.checks, pipeline.config.reference, "
+            "pipeline.stages, pipeline.artifacts, pipeline.measure.ort_runner; "
             "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'optimum', 'coremltools') if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -53,3 +54,84 @@ def test_staged_folder_is_removed_on_failure_and_renamed_on_success(tmp_path):
     manifest = json.loads((final / "manifest.json").read_text())
     assert manifest["files"]["a.txt"]["sha256"].startswith("ca978112")  # sha256("a")
     assert manifest["libraries"]["torch"] and manifest["k"] == 1
+
+
+def _tiny_gguf(path, arch: str):
+    """A GGUF file with the metadata a loader reads first and one small tensor."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_context_length(256)
+    writer.add_token_list(["a", "b", "c"])
+    writer.add_tensor("token_embd.weight", np.zeros((3, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unsupported_gguf_architecture_fails_in_seconds_naming_it(tmp_path, capsys):
+    import time
+
+    _tiny_gguf(tmp_path / "phi.gguf", "phi3")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: {source: gguf, path: phi.gguf}\n")
+    start = time.perf_counter()
+    assert main(["run", str(recipe)]) == 2
+    assert time.perf_counter() - start < 30
+    err = capsys.readouterr().err
+    assert "architecture 'phi3' (GGUF general.architecture) is not supported; supported: llama" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_broken_coreml_block_fails_in_seconds_naming_each_problem(tiny_project, capsys):
+    import time
+
+    import yaml
+
+    data = yaml.safe_load(tiny_project.read_text())
+    data["export"] = {"coreml": {"context_length": 4096, "compression": [{"kind": "linear-int4", "block_size": 48},
+                                                                         {"kind": "palettize", "nbits": 5}]}}
+    tiny_project.write_text(yaml.safe_dump(data))
+    start = time.perf_counter()
+    assert main(["run", str(tiny_project)]) == 2
+    assert time.perf_counter() - start < 30
+    err = capsys.readouterr().err
+    assert "export.coreml.compression.1.palettize.nbits" in err  # a schema problem and ...
+    data["export"]["coreml"]["compression"].pop()
+    tiny_project.write_text(yaml.safe_dump(data))
+    assert main(["run", str(tiny_project)]) == 2
+    err = capsys.readouterr().err  # ... the problems the model's config reveals, all at once
+    assert "context_length: 4096 exceeds the model's max_position_embeddings 256" in err
+    assert "block_size 48 does not divide the input width(s) [64, 128]" in err
+    assert not (tiny_project.parent / "runs").exists()
+
+
+def test_console_shows_stages_and_the_log_keeps_library_noise(tiny_project):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(tiny_project)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("[") for line in lines), lines  # stage lines, nothing else
+    assert "[11/11] report done" in proc.stderr and "wall time:" in proc.stdout
+    [final] = (tiny_project.parent / "runs").iterdir()
+    log = (final / "run.log").read_text()
+    assert "TracerWarning" in log or "Found different candidate ONNX initializers" in log
+    verbose = subprocess.run([sys.executable, "-m", "pipeline.cli", "--verbose", "run", str(tiny_project)],
+                             capture_output=True, text=True, timeout=600)
+    assert verbose.returncode == 0 and "Found different candidate ONNX initializers" in verbose.stderr
+
+
+def test_recipe_reference_in_docs_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from pipeline.config.reference import recipe_reference
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
+    assert committed.read_text() == recipe_reference(), "docs/recipe-reference.md is stale: run `make docs`"

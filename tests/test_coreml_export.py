@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from pipeline.adapters import ADAPTERS
-from pipeline.coreml_export import (CoreMLPackage, CoreMLSpec, causal_mask, describe_package, export_coreml,
-                                    predict_parity)
+from pipeline.model.adapters import ADAPTERS
+from pipeline.artifacts import CoreMLNumerics, CoreMLPackage
+from pipeline.config.coreml import CoreMLSpec
+from pipeline.export.coreml import causal_mask, describe_package, export_coreml, predict_parity
 from pipeline.errors import ExportError
-from pipeline.prune import drop_sublayers
+from pipeline.model.prune import drop_sublayers
 
 CTX = 32
 COMPRESSIONS = [{"kind": "linear-int8"}, {"kind": "linear-int4", "block_size": 32}, {"kind": "palettize", "nbits": 4}]
@@ -55,7 +56,7 @@ def test_spec_parses_every_compression_and_rejects_bad_blocks():
 
 @pytest.mark.parametrize("arch", sorted(ADAPTERS))
 def test_traced_wrapper_matches_model_for_every_architecture(arch):
-    from pipeline.coreml_export import _traced_wrapper
+    from pipeline.export.coreml import _traced_wrapper
 
     model = drop_sublayers(tiny_model(arch), attention=[1, 2], mlp=[3])
     # raises ExportError when prefill + token-by-token decode through the trace differs from the model;
@@ -124,9 +125,9 @@ def test_every_attention_dropped_refuses_stateful_but_exports_stateless(tmp_path
 
 
 def test_bad_parameters_refused_before_any_work_all_listed(tmp_path, monkeypatch):
-    import pipeline.coreml_export as ce
+    import pipeline.config.checks
 
-    monkeypatch.setattr(ce, "_have_sklearn", lambda: False)
+    monkeypatch.setattr(pipeline.config.checks, "have_sklearn", lambda: False)
     model = tiny_model("llama")
     bad_block = CoreMLSpec(context_length=1024, compression=[{"kind": "linear-int4", "block_size": 48},
                                                              {"kind": "palettize", "mode": "kmeans"}])
@@ -152,12 +153,12 @@ def test_causal_mask_lets_each_token_see_the_cache_and_itself():
 def test_predict_parity_says_numerics_are_unchecked_on_linux(pruned_packages):
     model, packages = pruned_packages
     result = predict_parity(packages["stateful-fp16"], model, torch.arange(3, 9))
-    assert result == {"checked": False,
-                      "reason": "coremltools cannot run predictions on Linux; numerics not checked on this host"}
+    assert result == CoreMLNumerics(checked=False, reason="coremltools cannot run predictions on Linux; numerics "
+                                    "not checked on this host")
 
 
 def test_importing_the_module_stays_light():
-    code = ("import sys, pipeline.coreml_export; "
+    code = ("import sys, pipeline.export.coreml; "
             "print([m for m in ('torch', 'transformers', 'coremltools') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline import corpus
+from pipeline.model import corpus
 from pipeline.errors import DataError
 
 

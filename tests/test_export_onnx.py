@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import left_padded_batch, tiny_model
-from pipeline.adapters import ADAPTERS
+from pipeline.model.adapters import ADAPTERS
 from pipeline.errors import ExportError
-from pipeline.export_onnx import OnnxExport, expected_names, export_onnx
-from pipeline.prune import drop_sublayers
+from pipeline.artifacts import OnnxExport
+from pipeline.export.onnx import expected_names, export_onnx
+from pipeline.model.prune import drop_sublayers
 
 
 def _initializers(path):
@@ -44,8 +45,8 @@ def pruned_llama_export(tmp_path_factory):
 def test_pruned_graph_has_kv_only_for_kept_attention(pruned_llama_export):
     _, result, _ = pruned_llama_export
     kv = [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
-    assert result.input_names == ["input_ids", "attention_mask", "position_ids", *kv]
-    assert result.output_names == ["logits", *[n.replace("past_key_values", "present") for n in kv]]
+    assert result.input_names == ("input_ids", "attention_mask", "position_ids", *kv)
+    assert result.output_names == ("logits", *[n.replace("past_key_values", "present") for n in kv])
     assert result.kv_layers == 2 and result.path.name == "model.onnx"
 
 
@@ -118,7 +119,7 @@ def test_tied_head_rewrite_keeps_logits(form, tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from pipeline.export_onnx import _tie_lm_head
+    from pipeline.export.onnx import _tie_lm_head
 
     table = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
     inits = [numpy_helper.from_array(table, "E")]

@@ -12,9 +12,11 @@ from pydantic import ValidationError
 
 from conftest import save_tiny_folder, synthetic_text, tiny_model
 from pipeline.errors import DataError, SlimformerError
-from pipeline.heal import (CURVE_JSON, CURVE_PNG, HealSpec, LoRALinear, add_lora, heal, heal_windows, merge_lora,
-                           mlps_near_dropped, write_curve)
-from pipeline.prune import drop_sublayers
+from pipeline.artifacts import HealCurve
+from pipeline.config.recipe import HealSpec
+from pipeline.model.heal import (CURVE_PNG, LoRALinear, add_lora, heal, heal_windows, merge_lora, mlps_near_dropped,
+                                 write_curve)
+from pipeline.model.prune import drop_sublayers
 
 SEQ = 32
 
@@ -117,8 +119,8 @@ def test_merged_model_has_original_structure_and_new_weights(healed):
 
 
 def test_healed_model_exports_and_onnx_matches_pytorch(healed, tmp_path):
-    from pipeline.export_onnx import export_onnx
-    from pipeline.ort_runner import OnnxLM
+    from pipeline.export.onnx import export_onnx
+    from pipeline.measure.ort_runner import OnnxLM
 
     model = healed[3].model
     export = export_onnx(model, tmp_path)
@@ -270,14 +272,15 @@ def test_heal_windows_takes_all_text_up_to_steps_times_batch(tmp_path):
     own = heal_windows(tokenizer, HealSpec(steps=10_000, seq_len=64, files=[tmp_path / "other.txt"]),
                        [tmp_path / "mine.txt"])
     assert len(own) < len(every)
+    (tmp_path / "short.txt").write_text(synthetic_text(2, paragraphs=5))
     with pytest.raises(DataError, match="seq_len"):
-        heal_windows(tokenizer, HealSpec(seq_len=8192), [tmp_path / "mine.txt"])
+        heal_windows(tokenizer, HealSpec(seq_len=8192), [tmp_path / "short.txt"])
 
 
 def test_write_curve(healed, tmp_path):
     result = healed[3]
     data, png = write_curve(result, tmp_path / "heal")
-    assert (data.name, png.name) == (CURVE_JSON, CURVE_PNG)
-    assert json.loads(data.read_text()) == json.loads(json.dumps(result.to_json()))
+    assert (data.name, png.name) == (HealCurve.filename, CURVE_PNG)
+    assert HealCurve.read(data.parent) == result.record()
     assert len(json.loads(data.read_text())["curve"]) == 40
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import left_padded_batch, tiny_model
-from pipeline import assets
+from pipeline.model import assets
 from pipeline.errors import ModelError
-from pipeline.models import PACKAGED, load_model, weights_sha256
-from pipeline.prune import drop_lists, drop_sublayers
+from pipeline.model.loading import PACKAGED, load_model, weights_sha256
+from pipeline.model.prune import drop_lists, drop_sublayers
 
 
 def tiny_tokenizer():
@@ -201,7 +201,7 @@ def test_importing_these_modules_stays_light():
     import subprocess
     import sys
 
-    code = "import sys, pipeline.models, pipeline.corpus, pipeline.assets; print('torch' in sys.modules)"
+    code = "import sys, pipeline.model.loading, pipeline.model.corpus, pipeline.model.assets; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 

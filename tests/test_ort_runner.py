@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import left_padded_batch, tiny_model
-from pipeline import ort_runner
-from pipeline.ort_runner import (OnnxLM, choice_scores, greedy_trace, kv_bytes_per_token, latency,
+from pipeline.measure import ort_runner
+from pipeline.measure.ort_runner import (OnnxLM, choice_scores, greedy_trace, kv_bytes_per_token, latency,
                                  load_mc_items, multiple_choice, perplexity, save_inputs)
-from pipeline.reference import compare_traces, torch_greedy_trace
+from pipeline.measure.reference import compare_traces, torch_greedy_trace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,9 +40,9 @@ def _assert_parity(model, lm):
     ref, ref_tokens = torch_greedy_trace(model, ids, mask, steps=8)
     got, tokens = greedy_trace(lm, ids.numpy(), mask.numpy(), steps=8)
     stats = compare_traces(ref, got)
-    assert stats["steps"] == 9
-    assert stats["max_abs_error"] < 1e-4, stats
-    assert stats["top1_agreement"] == 1.0, stats
+    assert stats.steps == 9
+    assert stats.max_abs_error < 1e-4, stats
+    assert stats.top1_agreement == 1.0, stats
     np.testing.assert_array_equal(tokens, ref_tokens)
 
 
@@ -58,8 +58,8 @@ def test_greedy_trace_matches_torch_unpruned(exported):
 
 
 def test_greedy_trace_matches_torch_pruned(tmp_path):
-    export_onnx = pytest.importorskip("pipeline.export_onnx").export_onnx
-    from pipeline.prune import drop_sublayers
+    export_onnx = pytest.importorskip("pipeline.export.onnx").export_onnx
+    from pipeline.model.prune import drop_sublayers
 
     model = drop_sublayers(tiny_model("llama"), attention=[1, 2], mlp=[])
     lm = OnnxLM(export_onnx(model, tmp_path).path, threads=1)
@@ -117,12 +117,12 @@ def test_compare_traces_detects_argmax_flip():
     rng = np.random.default_rng(0)
     ref = [rng.normal(size=(3, 10)).astype(np.float32) for _ in range(4)]
     same = compare_traces(ref, [r.copy() for r in ref])
-    assert same["top1_agreement"] == 1.0 and same["max_abs_error"] == 0 and same["sqnr_db"] == math.inf
+    assert same.top1_agreement == 1.0 and same.max_abs_error == 0 and same.sqnr_db == math.inf
     flipped = [r.copy() for r in ref]
     flipped[2][1, ref[2][1].argmin()] = ref[2][1].max() + 1.0
     stats = compare_traces(ref, flipped)
-    assert stats["top1_agreement"] == pytest.approx(11 / 12)
-    assert stats["max_abs_error"] > 1.0 and stats["sqnr_db"] < math.inf
+    assert stats.top1_agreement == pytest.approx(11 / 12)
+    assert stats.max_abs_error > 1.0 and stats.sqnr_db < math.inf
     with pytest.raises(ValueError, match="length"):
         compare_traces(ref, flipped[:3])
 
@@ -141,7 +141,7 @@ def _run(args, cwd):
 def test_cli_as_module_reports_peak_rss(exported, tmp_path):
     _, lm = exported
     out = tmp_path / "result.json"
-    _run(["-m", "pipeline.ort_runner", lm.path, "--threads", "1", "--out", str(out), "--latency",
+    _run(["-m", "pipeline.measure.ort_runner", lm.path, "--threads", "1", "--out", str(out), "--latency",
           "--prefill-tokens", "8", "--decode-context", "16", "--decode-steps", "4"], cwd=REPO)
     result = json.loads(out.read_text())
     assert result["peak_rss_mb"] > 0

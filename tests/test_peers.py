@@ -3,16 +3,20 @@
 import json
 
 import pytest
+import yaml
 
-from pipeline.peers import markdown_table
-from pipeline.recipe import load_recipe
+from pipeline.bench.peers import markdown_table
+from pipeline.config.loading import load_recipe
 
 
 def test_peer_and_slimformer_paths_measured_side_by_side(tiny_project, tmp_path):
-    from pipeline.peers import compare
+    from pipeline.bench.peers import compare
 
+    data = yaml.safe_load(tiny_project.read_text())
+    data["validate"]["latency"]["rounds"] = 1
+    tiny_project.write_text(yaml.safe_dump(data))
     out = tmp_path / "peers.json"
-    rows = compare(load_recipe(tiny_project), out=str(out), rounds=1)
+    rows = compare(load_recipe(tiny_project), out=str(out))
     by = {(r["path"], r["bits"]): r for r in rows}
     assert set(by) == {(p, b) for p in ("optimum+onnxruntime", "slimformer") for b in ("fp32", "int8", "int4")}
     peer, slim = by[("optimum+onnxruntime", "fp32")], by[("slimformer", "fp32")]

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.artifacts import DropPlan, Scores
-from pipeline.plan import kv_bytes_per_token, plan_drop
+from pipeline.model.plan import kv_bytes_per_token, plan_drop
 
 SCORES = Scores(model="m", metric="cosine", tokens=10,
                 attention=(0.9, 0.05, 0.02, 0.01), mlp=(0.5, 0.04, 0.3, 0.2), block=(0.95, 0.3, 0.35, 0.2))
@@ -34,13 +34,20 @@ def test_ties_go_to_deeper_layer():
     assert plan_drop(tied, attention=1).attention == (2,)
 
 
-def test_refuses_dropping_all_attention_and_impossible_counts():
+def test_joint_never_drops_the_last_attention_sublayer():
+    # 7 of 8 sublayers: the highest-scoring attention (layer 0, 0.9) would be among them; it stays, and the
+    # highest-scoring MLP goes instead, so every joint count up to 2L-1 gives an exportable model.
+    plan = plan_drop(SCORES, joint=7)
+    assert plan.attention == (1, 2, 3) and plan.mlp == (0, 1, 2, 3)
+    assert plan.kept_attention == 1
+
+
+def test_refuses_counts_that_leave_nothing():
     from pipeline.errors import RecipeError
 
-    with pytest.raises(RecipeError, match="keep at least one"):
-        plan_drop(SCORES, attention=4)
-    with pytest.raises(ValueError):
-        plan_drop(SCORES, mlp=5)
+    for counts in ({"attention": 4}, {"mlp": 4}, {"blocks": 4}, {"joint": 8}):
+        with pytest.raises(RecipeError, match="at least one of each kind must stay"):
+            plan_drop(SCORES, **counts)
 
 
 def test_artifacts_round_trip(tmp_path):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from conftest import left_padded_batch, tiny_model
-from pipeline.adapters import ADAPTERS
-from pipeline.prune import drop_lists, drop_sublayers, kept_attention_layers, restore_structure_inplace
+from pipeline.model.adapters import ADAPTERS
+from pipeline.model.prune import drop_lists, drop_sublayers, kept_attention_layers, restore_structure_inplace
 
 
 def greedy_without_cache(model, ids, mask, steps):

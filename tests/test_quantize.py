@@ -12,11 +12,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from conftest import left_padded_batch, tiny_model
 from pipeline.errors import ExportError
-from pipeline.export_onnx import export_onnx
-from pipeline.ort_runner import OnnxLM, greedy_trace
-from pipeline.prune import drop_sublayers
-from pipeline.quantize import (HEAD_GEMM, OnnxFp16Spec, OnnxInt4Spec, OnnxInt8Spec, QuantizedModel, QuantSpec,
-                               quantize_onnx)
+from pipeline.export.onnx import export_onnx
+from pipeline.measure.ort_runner import OnnxLM, greedy_trace
+from pipeline.model.prune import drop_sublayers
+from pipeline.artifacts import QuantizedModel
+from pipeline.config.quantize import OnnxFp16Spec, OnnxInt4Spec, OnnxInt8Spec, QuantSpec
+from pipeline.export.quantize import HEAD_GEMM, quantize_onnx
 
 SPEC = TypeAdapter(QuantSpec)
 
@@ -99,8 +100,15 @@ def test_fp16_keeps_logits_fp32_and_kv_as_asked(pruned, tmp_path):
         assert {o.name: o.type for o in lm.session.get_outputs()}["logits"] == "tensor(float)"
 
 
+# Greedy generation through optimum for 8 new tokens on the 3-row left-padded batch: rows whose 8 tokens must
+# equal the fp32 PyTorch model's. Measured: int8 and fp16 match on every row; int4 on 2 of 3 (one row's first
+# token flips between two near-tied logits). A wrong mask, KV slot or position breaks every row.
+GENERATE_STEPS = 8
+ROWS_EQUAL = {"int8": 3, "int4": 2, "fp16": 3}
+
+
 @pytest.mark.parametrize("case", ["int8", "int4", "fp16"])
-def test_optimum_generates_from_quantised_graph(case, pruned, tmp_path):
+def test_optimum_generates_from_quantised_graph_like_pytorch(case, pruned, tmp_path):
     import shutil
 
     from optimum.onnxruntime import ORTModelForCausalLM
@@ -110,13 +118,13 @@ def test_optimum_generates_from_quantised_graph(case, pruned, tmp_path):
     for name in ("config.json", "generation_config.json"):  # the caller copies these, not quantize_onnx
         shutil.copy(fp32 / name, tmp_path / name)
     ids, mask = left_padded_batch()
-    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=GENERATE_STEPS, do_sample=False, pad_token_id=0)
     got = ORTModelForCausalLM.from_pretrained(tmp_path, use_cache=True, use_io_binding=False).generate(**kwargs)
     with torch.no_grad():
         want = model.generate(**kwargs)
-    assert got.shape == want.shape
-    if case == "fp16":
-        assert torch.equal(got, want)
+    assert got.shape == want.shape == (3, ids.shape[1] + GENERATE_STEPS)
+    rows_equal = int((got[:, ids.shape[1]:] == want[:, ids.shape[1]:]).all(dim=1).sum())
+    assert rows_equal >= ROWS_EQUAL[case], (got, want)
 
 
 def _tied_graph(path, vocab: int, hidden: int):

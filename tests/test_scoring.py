@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from pipeline.prune import drop_sublayers
-from pipeline.scoring import score_model
+from pipeline.model.prune import drop_sublayers
+from pipeline.model.scoring import score_model
 
 
 def manual_scores(model, ids):

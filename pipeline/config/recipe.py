@@ -1,8 +1,8 @@
-"""The recipe: YAML parsed into strict, typed config blocks, one pydantic model per block.
+"""The recipe: one strict, typed pydantic block per stage, read from YAML by `pipeline.config.loading`.
 
-Unknown keys and wrong types are rejected with their path in the YAML; every problem is reported at
-once. `check_against_model` holds the checks that need the model's shape (drop counts vs layers).
-`Recipe.model_json_schema()` is what `slimformer schema` prints for editors.
+Unknown keys and wrong types are refused with their path in the YAML, every problem at once. The checks that
+span blocks or need the model's shape live in `pipeline.config.checks`. `Recipe.model_json_schema()` is what
+`slimformer schema` prints for editors, and what `make docs` turns into docs/recipe-reference.md.
 """
 
 from __future__ import annotations
@@ -10,17 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from .coreml_export import CoreMLSpec
-from .errors import RecipeError
+from .base import NAME_PATTERN, Block, Override, RecipePath
+from .coreml import CoreMLSpec
 from .quantize import QuantSpec
-from .targets import Target, target_problems, unready_targets
-
-
-class Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from .targets import Target
 
 
 class ModelSpec(Block):
@@ -28,7 +23,7 @@ class ModelSpec(Block):
         "packaged", description="packaged: a model shipped in a Python package; hf: a local Hugging Face "
         "folder (safetensors only); gguf: a local .gguf file.")
     name: str | None = Field("smollm2-135m", description="Packaged model name (source: packaged).")
-    path: Path | None = Field(None, description="Folder (hf) or .gguf file (gguf), relative to the recipe.")
+    path: RecipePath | None = Field(None, description="Folder (hf) or .gguf file (gguf), relative to the recipe.")
 
     @model_validator(mode="after")
     def _path_matches_source(self):
@@ -38,7 +33,7 @@ class ModelSpec(Block):
 
 
 class CalibrationSpec(Block):
-    files: list[Path] | None = Field(
+    files: list[RecipePath] | None = Field(
         None, description="UTF-8 text files to calibrate on; omit for the packaged calibration split.")
     samples: int = Field(32, ge=1, le=4096, description="Number of calibration windows.")
     seq_len: int = Field(256, ge=8, le=8192, description="Tokens per calibration window.")
@@ -113,23 +108,18 @@ class HealSpec(Block):
     max_seconds: float | None = Field(
         None, gt=0, description="Time budget of the training loop; training stops after the step that "
         "crosses it. Omit to run all steps.")
-    files: list[Path] | None = Field(
+    files: list[RecipePath] | None = Field(
         None, description="UTF-8 text files to train on (your own domain text); omit for the packaged "
         "calibration split. Must not overlap the evaluation text.")
 
     @model_validator(mode="after")
     def _fields_match_choices(self):
-        # Defaults pass, so a fully resolved recipe (every field written out) loads again.
-        needs = {}
+        problems = []
         if "distill" not in self.objective:
-            needs |= {f: ("objective: distill or distill+next-token", "objective: distill+next-token")
-                      for f in ("temperature", "hidden_mse_weight")}
+            problems += self.misplaced(("temperature", "hidden_mse_weight"), "objective: distill or "
+                                       "distill+next-token", "objective: distill+next-token")
         if self.train != "lora":
-            needs |= {f: ("train: lora", "train: lora") for f in ("lora_modules", "lora_rank", "lora_alpha")}
-        fields = type(self).model_fields
-        problems = [f"{name} applies only to {where}; remove it or set {fix}"
-                    for name, (where, fix) in needs.items()
-                    if getattr(self, name) != fields[name].get_default(call_default_factory=True)]
+            problems += self.misplaced(("lora_modules", "lora_rank", "lora_alpha"), "train: lora", "train: lora")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -149,6 +139,8 @@ class LatencySpec(Block):
     prefill_tokens: int = Field(128, ge=1, description="Prompt length for the prefill timing.")
     decode_context: int = Field(256, ge=1, description="Tokens already in the KV cache when decode is timed.")
     decode_steps: int = Field(32, ge=4, description="Timed decode steps (p50/p90 over these).")
+    rounds: int = Field(3, ge=1, le=20, description="Interleaved rounds: every file is timed once per round, in "
+                        "the same order, each in a fresh process; figures are the median over rounds.")
 
 
 class GateSpec(Block):
@@ -162,9 +154,14 @@ class GateSpec(Block):
         None, gt=0, description="Fail if ONNX vs PyTorch max abs logit error (parity batch) exceeds this.")
 
 
+class GateOverride(Override, GateSpec):
+    """Gates for one variant: the fields set here replace the recipe's `validate.gates` (null turns a gate off);
+    the fields left out keep the recipe's values."""
+
+
 class ValidateSpec(Block):
-    files: list[Path] | None = Field(None, description="Held-out evaluation text; omit for the packaged split.")
-    distractor_files: list[Path] | None = Field(
+    files: list[RecipePath] | None = Field(None, description="Held-out evaluation text; omit for the packaged split.")
+    distractor_files: list[RecipePath] | None = Field(
         None, description="Text that multiple-choice distractors are drawn from; omit for the packaged one.")
     perplexity_windows: int = Field(16, ge=1, description="Held-out windows for perplexity.")
     seq_len: int = Field(512, ge=16, description="Tokens per perplexity window.")
@@ -173,20 +170,27 @@ class ValidateSpec(Block):
     seed: int = Field(0, description="Seed for item sampling and timing inputs.")
     latency: LatencySpec = Field(default_factory=LatencySpec, description="Latency measurement.")
     gates: GateSpec = Field(default_factory=GateSpec, description="Pass/fail limits; a failure exits non-zero.")
-    variant_gates: dict[str, GateSpec] = Field(
-        default_factory=dict, description="Gates for one quantised variant, keyed by its name (e.g. a looser "
-        "perplexity limit for int4); variants not listed use `gates`.")
+    variant_gates: dict[str, GateOverride] = Field(
+        default_factory=dict, description="Changes to `gates` for one quantised variant, keyed by its name, field by "
+        "field: int4: {max_perplexity_increase_pct: 50} loosens that gate and keeps the others; null turns one off. "
+        "Variants not listed use `gates` as they are.")
+
+    def gates_for(self, variant: str) -> GateSpec:
+        override = self.variant_gates.get(variant)
+        return self.gates if override is None else override.apply(self.gates)
     targets: list[Target] = Field(
         default_factory=list, description="Where else every variant is run and judged besides this host's "
         "validation: host, arm64-emulated (QEMU, numbers only) or ssh (a real device; real latency).")
 
 
 class OutputSpec(Block):
-    dir: Path = Field(Path("runs"), description="Folder that receives one sub-folder per run, relative to the working directory.")
+    dir: RecipePath = Field(Path("runs"), description="Folder that receives one sub-folder per run, relative to the "
+                            "recipe file like every other path (the shipped recipes write to runs/ beside recipes/).")
 
 
 class Recipe(Block):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="Run name (used in folder names).")
+    name: str = Field(..., min_length=1, max_length=100, pattern=NAME_PATTERN, description="Run name (used in folder "
+                      "names and as the registry name).")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Which model to compress.")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Data for importance scores.")
     score: ScoreSpec = Field(default_factory=ScoreSpec, description="Importance metric.")
@@ -200,123 +204,8 @@ class Recipe(Block):
     validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate", description="Validation and gates.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where run folders go.")
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)  # `validate` shadows BaseModel.validate
 
     def resolved(self) -> dict:
         """The recipe with every default filled in, as plain YAML-able data."""
         return self.model_dump(mode="json", by_alias=True)
-
-
-def _describe(err: dict) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        parent, key = err["loc"][:-1], err["loc"][-1]
-        allowed = _allowed_keys(parent)
-        return f"{where}: unknown key '{key}'; allowed here: {', '.join(allowed)}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg} (got {err['input']!r})" if err["type"] != "missing" else f"{where}: {msg}"
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    cls: type[BaseModel] = Recipe
-    for part in loc:
-        field = next((f for n, f in cls.model_fields.items() if part in (n, f.alias)), None)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return []
-        cls = field.annotation
-    return [f.alias or n for n, f in cls.model_fields.items()]
-
-
-PACKAGED_TEXT = "packaged:"
-
-
-def resolve_path(p: str, base: Path) -> str:
-    """A recipe path: `packaged:<file>` names a text in the packaged corpus (e.g.
-    packaged:miltondata/texts/comus_gut.txt, fetched once into the cache); others are relative to `base`."""
-    if p.startswith(PACKAGED_TEXT):
-        from .assets import ensure_texts
-
-        return str(ensure_texts() / p[len(PACKAGED_TEXT):])
-    return str(p) if Path(p).is_absolute() else str((base / p).resolve())
-
-
-def _resolve_paths(data: dict, base: Path) -> dict:
-    """Paths in a recipe are relative to the recipe file, so a recipe works from any directory."""
-    def fix(p):
-        return resolve_path(p, base)
-    model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("path"), str):
-        model["path"] = fix(model["path"])
-    for block, key in (("calibration", "files"), ("heal", "files"), ("validate", "files"),
-                       ("validate", "distractor_files")):
-        section = data.get(block)
-        if isinstance(section, dict) and isinstance(section.get(key), list):
-            section[key] = [fix(p) if isinstance(p, str) else p for p in section[key]]
-    targets = (data.get("validate") or {}).get("targets") if isinstance(data.get("validate"), dict) else None
-    for target in targets if isinstance(targets, list) else []:
-        for key in ("root", "key_file"):
-            if isinstance(target, dict) and isinstance(target.get(key), str) and not target[key].startswith("~"):
-                target[key] = fix(target[key])
-    return data
-
-
-def parse_recipe(data, source: str = "recipe", base: Path | None = None) -> Recipe:
-    if not isinstance(data, dict):
-        raise RecipeError([f"expected a mapping of blocks at the top level, found {type(data).__name__}"], source)
-    if base is not None:
-        data = _resolve_paths(data, base)
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        raise RecipeError([_describe(err) for err in e.errors()], source) from None
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError([f"file not found: {path}"], str(path))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError([f"not valid YAML: {e}"], str(path)) from None
-    return parse_recipe(data, str(path), base=path.parent)
-
-
-def check_against_model(recipe: Recipe, num_layers: int | None = None) -> None:
-    """Checks that span blocks or need the model's shape (skipped while `num_layers` is None);
-    every problem is reported at once."""
-    d, problems = recipe.drop, []
-    for kind in ("joint", "attention", "mlp", "blocks") if num_layers is not None else ():
-        limit = 2 * num_layers if kind == "joint" else num_layers
-        if getattr(d, kind) > limit:
-            problems.append(f"drop.{kind}: {getattr(d, kind)} requested but the model has only {limit} "
-                            f"{'sublayers' if kind == 'joint' else kind if kind != 'blocks' else 'blocks'}; "
-                            f"use at most {limit - 1}")
-    if num_layers is not None and num_layers in (d.attention, d.blocks):
-        problems.append("drop: every attention layer would be dropped; keep at least one")
-    if recipe.heal is not None and d.method == "none":
-        problems.append("heal: nothing is dropped, so there is nothing to heal; set drop counts or remove heal")
-    for kind in ("calibration", "heal", "validate_"):
-        for f in (getattr(recipe, kind).files if getattr(recipe, kind) is not None else None) or []:
-            if not Path(f).is_file():
-                problems.append(f"{kind.rstrip('_')}.files: {f} does not exist")
-    for f in recipe.validate_.distractor_files or []:
-        if not Path(f).is_file():
-            problems.append(f"validate.distractor_files: {f} does not exist")
-    if recipe.model.path is not None and not Path(recipe.model.path).exists():
-        problems.append(f"model.path: {recipe.model.path} does not exist")
-    names = [q.name for q in recipe.quantize]
-    for name in sorted({n for n in names if names.count(n) > 1 or n in ("original", "compressed")}):
-        problems.append(f"quantize: variant name '{name}' is used twice or reserved; give each variant its own name")
-    for name in recipe.validate_.variant_gates:
-        if name not in names:
-            problems.append(f"validate.variant_gates.{name}: no quantize variant is named '{name}'; "
-                            f"variants: {', '.join(names) or 'none'}")
-    problems += target_problems(recipe.validate_.targets, ["compressed", *names])
-    problems += unready_targets(recipe.validate_.targets)
-    coreml = recipe.export.coreml
-    if coreml and coreml.stateful and num_layers is not None and num_layers in (d.attention, d.blocks):
-        problems.append("export.coreml.stateful: every attention layer would be dropped, so there is no KV state "
-                        "to keep; keep an attention layer or set stateful: false")
-    if problems:
-        raise RecipeError(problems)

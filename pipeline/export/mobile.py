@@ -11,36 +11,22 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import ExportError
+from ..artifacts import OrtFormat, OrtParity
+from ..errors import ExportError
 
 TOOL_TIMEOUT_S = 1800
 GENAI_CONFIG = "genai_config.json"
 _VERDICT = re.compile(r"Model should perform well with (.+?) (as is|if modified to have fixed input shapes): (\w+)")
 _PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
-
-
-@dataclass(frozen=True)
-class OrtFormat:
-    path: Path
-    required_operators_config: Path
-    usable_on_mobile: str  # short verdict: which execution provider to use on phones
-    details: list[str]
-
-    def to_json(self) -> dict:
-        return {"schema_version": 1, "path": str(self.path), "required_operators_config":
-                str(self.required_operators_config), "usable_on_mobile": self.usable_on_mobile,
-                "details": list(self.details)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> OrtFormat:
-        return cls(Path(data["path"]), Path(data["required_operators_config"]), str(data["usable_on_mobile"]),
-                   list(data["details"]))
+# Run in a child process: onnxruntime-genai can abort outright on tokenizer files it does not support.
+GENAI_ENCODE = ("import json, sys, onnxruntime_genai as og; folder, text = json.load(sys.stdin); "
+                "print(json.dumps([int(t) for t in og.Tokenizer(og.Model(folder)).encode(text)]))")
 
 
 def _run_tool(args: list[str], what: str) -> str:
@@ -79,23 +65,24 @@ def to_ort_format(onnx_path: Path, out_dir: Path, style: Literal["Fixed", "Runti
     text = _run_tool(["onnxruntime.tools.check_onnx_model_mobile_usability", "--log_level", "info", str(onnx_path)],
                      f"onnxruntime's mobile usability check of {onnx_path}")
     verdict, details = _summarise_usability(text)
-    return OrtFormat(ort_path, config, verdict, details + _build_notes(onnx_path, config))
+    return OrtFormat(ort_path, config, verdict, tuple(details + _build_notes(onnx_path, config)),
+                     bytes=ort_path.stat().st_size)
 
 
-def ort_parity(onnx_path: Path, ort_path: Path, input_ids, steps: int = 4, threads: int = 2) -> dict:
+def ort_parity(onnx_path: Path, ort_path: Path, input_ids, steps: int = 4, threads: int = 2) -> OrtParity:
     """The .ort file against the .onnx it came from: a prefill of `input_ids` [batch, seq] plus `steps`
     decode steps, both fed the .onnx file's greedy tokens; max abs logit difference and top-1 agreement."""
     import numpy as np
 
-    from .ort_runner import OnnxLM, greedy_trace
+    from ..measure.ort_runner import OnnxLM, greedy_trace
 
     ids = np.asarray(input_ids, np.int64)
     mask = np.ones_like(ids)
     want, tokens = greedy_trace(OnnxLM(onnx_path, threads), ids, mask, steps)
     got, _ = greedy_trace(OnnxLM(ort_path, threads), ids, mask, steps, forced=tokens)
     want, got = np.stack(want), np.stack(got)
-    return {"max_abs_diff": float(np.abs(got - want).max()),
-            "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()), "steps": steps}
+    return OrtParity(max_abs_diff=float(np.abs(got - want).max()),
+                     top1_agreement=float((got.argmax(-1) == want.argmax(-1)).mean()), steps=steps)
 
 
 def _mostly_fp16(onnx_path: Path) -> bool:
@@ -181,7 +168,7 @@ def _kv_layout(graph) -> tuple[int, int, int]:
     past = {int(m[1]): i for i in graph.input if (m := _PAST.match(i.name))}
     if not past or sorted(past) != list(range(len(past))):
         raise ExportError(f"the graph's KV inputs {sorted(past)} are not past_key_values.0..K-1.key; "
-                          "onnxruntime-genai needs that layout (export with pipeline.export_onnx).")
+                          "onnxruntime-genai needs that layout (export with pipeline.export.onnx).")
     dims = past[0].type.tensor_type.shape.dim
     return len(past), dims[1].dim_value, dims[3].dim_value
 
@@ -203,7 +190,8 @@ def genai_config(graph, model_config, tokenizer, filename: str) -> dict:
                            "present_value_names": "present.%d.value"},
                "num_attention_heads": model_config.num_attention_heads,
                "num_hidden_layers": kv_layers, "num_key_value_heads": kv_heads}
-    bos = model_config.bos_token_id if model_config.bos_token_id is not None else tokenizer.bos_token_id
+    # genai wants a number; a model without a BOS token (byte-level BPEs often have none) gets the EOS id.
+    bos = next((t for t in (model_config.bos_token_id, tokenizer.bos_token_id, eos, pad) if t is not None), 0)
     model = {"bos_token_id": bos, "context_length": context, "decoder": decoder,
              "eos_token_id": eos if eos is not None else pad, "pad_token_id": pad,
              "type": model_config.model_type, "vocab_size": model_config.vocab_size}
@@ -219,16 +207,16 @@ def genai_tokenizer_problem(folder: Path, tokenizer, text: str) -> str | None:
     """None if onnxruntime-genai's tokenizer (onnxruntime-extensions) reads the folder's tokenizer files and
     encodes `text` as `tokenizer` does; otherwise what went wrong. Loads the model once (a session), in a
     child process: onnxruntime-genai can crash outright on tokenizer files it does not support."""
-    script = ("import json, sys, onnxruntime_genai as og; folder, text = json.load(sys.stdin); "
-              "print(json.dumps([int(t) for t in og.Tokenizer(og.Model(folder)).encode(text)]))")
     try:
-        proc = subprocess.run([sys.executable, "-c", script], input=json.dumps([str(folder), text]),
+        proc = subprocess.run([sys.executable, "-c", GENAI_ENCODE], input=json.dumps([str(folder), text]),
                               capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"onnxruntime-genai took over {TOOL_TIMEOUT_S} s to load the tokenizer files in {folder}"
     if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        return f"onnxruntime-genai cannot load the tokenizer files in {folder}: {reason}"
+        died = (f"it died of {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+                else f"exit code {proc.returncode}")
+        reason = (proc.stderr.strip().splitlines() or [""])[-1]
+        return f"onnxruntime-genai cannot load the tokenizer files in {folder} ({died}){': ' + reason if reason else ''}"
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     want = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if got == want:

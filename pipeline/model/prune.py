@@ -17,29 +17,37 @@ CONFIG_KEY = "slimformer_drop"
 
 
 class _PrunableLayerMixin:
-    """Forward of a decoder layer whose attention (with its norm) or MLP (with its norm) may be None.
+    """Forward of a decoder layer whose attention sublayer or MLP sublayer (each with its norms) may be None.
 
-    Mixed into the architecture's own decoder-layer class so that transformers' output recorders,
-    which select modules by isinstance, keep working on pruned layers.
+    Mixed into the architecture's own decoder-layer class so that transformers' output recorders, which select
+    modules by isinstance, keep working on pruned layers. Attribute names come from the class's adapter row.
     """
+
+    _slimformer_adapter = None  # set on each generated class by _prunable_class
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, cache_position=None, position_embeddings=None, **kwargs):
-        if self.self_attn is not None:
-            attn_out, _ = self.self_attn(
-                hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+        ad = self._slimformer_adapter
+        if getattr(self, ad.attention) is not None:
+            attn_out, _ = getattr(self, ad.attention)(
+                hidden_states=getattr(self, ad.attention_norm)(hidden_states), attention_mask=attention_mask,
                 position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
                 cache_position=cache_position, position_embeddings=position_embeddings, **kwargs,
             )
-            hidden_states = hidden_states + attn_out
-        if self.mlp is not None:
-            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            hidden_states = hidden_states + _post(self, ad.attention_post_norm, attn_out)
+        if getattr(self, ad.mlp) is not None:
+            mlp_out = getattr(self, ad.mlp)(getattr(self, ad.mlp_norm)(hidden_states))
+            hidden_states = hidden_states + _post(self, ad.mlp_post_norm, mlp_out)
         return hidden_states
 
 
+def _post(layer, norm: str | None, x):
+    return x if norm is None else getattr(layer, norm)(x)
+
+
 @cache
-def _prunable_class(layer_cls: type) -> type:
-    return type(f"Prunable{layer_cls.__name__}", (_PrunableLayerMixin, layer_cls), {})
+def _prunable_class(layer_cls: type, adapter) -> type:
+    return type(f"Prunable{layer_cls.__name__}", (_PrunableLayerMixin, layer_cls), {"_slimformer_adapter": adapter})
 
 
 def drop_lists(model) -> dict[str, list[int]]:
@@ -68,16 +76,12 @@ def drop_sublayers_inplace(model, attention: list[int], mlp: list[int]):
     mlp = sorted(set(mlp) | set(already["mlp"]))
     for i, layer in enumerate(layers):
         if not isinstance(layer, _PrunableLayerMixin):
-            layer.__class__ = _prunable_class(type(layer))
+            layer.__class__ = _prunable_class(type(layer), ad)
         # transformers' output recorders restore a patched forward as an instance attribute, which
         # would shadow the class's forward after any call with output_hidden_states=True.
         layer.__dict__.pop("forward", None)
-        if i in attention:
-            setattr(layer, ad.attention, None)
-            setattr(layer, ad.attention_norm, None)
-        if i in mlp:
-            setattr(layer, ad.mlp, None)
-            setattr(layer, ad.mlp_norm, None)
+        for part in (ad.attention_parts if i in attention else ()) + (ad.mlp_parts if i in mlp else ()):
+            setattr(layer, part, None)
     slot = 0
     for layer in layers:
         attn = getattr(layer, ad.attention)

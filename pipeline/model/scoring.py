@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .adapters import adapter_for, decoder_layers
-from .artifacts import Scores
+from ..artifacts import Scores
 
 
 class _Accumulator:

@@ -1,14 +1,15 @@
 """A PyTorch model behind the same `forward`/`empty_past` interface as `ort_runner.OnnxLM`.
 
-So perplexity, multiple choice and greedy traces have one implementation (in ort_runner) that
-measures a PyTorch model and an ONNX file the same way; the sweep uses it to skip exports.
+So perplexity, multiple choice and greedy traces have one implementation (in ort_runner) that measures a
+PyTorch model and an ONNX file the same way; healing and the benches use `torch_accuracy` to skip exports.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .prune import kept_attention_layers
+from ..artifacts import Accuracy
+from ..model.prune import kept_attention_layers
 
 
 class TorchLM:
@@ -39,3 +40,12 @@ class TorchLM:
             present[f"past_key_values.{i}.key"] = layer.keys.numpy()
             present[f"past_key_values.{i}.value"] = layer.values.numpy()
         return out.logits.float().numpy(), present
+
+
+def torch_accuracy(model, data) -> Accuracy:
+    """Held-out perplexity and multiple-choice accuracy of a PyTorch model on `data` (a validate.EvalData)."""
+    from .ort_runner import multiple_choice, perplexity
+
+    lm = TorchLM(model)
+    return Accuracy(perplexity=perplexity(lm, data.windows)["perplexity"],
+                    mc_accuracy=multiple_choice(lm, data.mc_items)["accuracy"])

@@ -1,128 +1,22 @@
 """Quantise an exported fp32 decoder ONNX file: 8/4-bit block-wise weights (MatMulNBits), int8 dynamic, fp16.
 
-Owns the recipe blocks (`QuantSpec`, one pydantic model per `kind`), the entry point `quantize_onnx`, and the
+Configured by the recipe blocks in `pipeline.config.quantize`. Owns the entry point `quantize_onnx` and the
 rewrite of export_onnx's tied lm_head (Gemm(transB=1) over the embedding table, which onnxruntime's quantiser
 skips) into MatMulNBits whose quantised table the embedding Gather reads too. Output: one `model.onnx`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-
-from .errors import ExportError
-from .export_onnx import save_onnx
+from ..artifacts import QuantizedModel
+from ..config.checks import tied_table_problem
+from ..config.quantize import OnnxFp16Spec, OnnxInt8Spec, QuantSpec
+from ..errors import ExportError
+from .onnx import save_onnx
 
 OUT_NAME = "model.onnx"
 HEAD_GEMM = "lm_head_gemm"  # export_onnx's name for the tied logits projection
-_NAME = r"^[A-Za-z0-9._-]+$"
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_block_size(value: int) -> int:
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"block_size must be a power of two >= 16 (16, 32, 64, 128, 256), got {value}; "
-                         "use 32 (the default), or 64 for a slightly smaller, less accurate file")
-    return value
-
-
-BlockSize = Annotated[int, AfterValidator(_check_block_size)]
-
-
-class OnnxInt8Spec(_Spec):
-    """int8 weights: block-wise weight-only (MatMulNBits, 8 bits) or onnxruntime's `quantize_dynamic`."""
-
-    kind: Literal["onnx-int8"] = Field(description="8-bit weights, about 4x smaller than fp32.")
-    name: str = Field("int8", pattern=_NAME, description="Label of this variant: its folder and report key.")
-    method: Literal["weight-only", "dynamic"] = Field(
-        "weight-only", description="weight-only: MatMulNBits bits=8 (activations quantised per block of "
-        "block_size at accuracy_level 4); SmolLM2-135M perplexity +0.5 %. dynamic: onnxruntime's "
-        "quantize_dynamic (MatMulInteger, uint8 weights, activations quantised per tensor at run time); "
-        "activation outliers cost SmolLM2-135M about +50 % perplexity.")
-    block_size: BlockSize = Field(32, description="weight-only: weights per block along the input dimension "
-                                  "(power of two >= 16).")
-    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
-        4, description="weight-only: MatMulNBits compute type; 4 = int8 (fastest on CPU), 1 = fp32.")
-    per_channel: bool = Field(True, description="dynamic: one weight scale per output channel.")
-    quantize_lm_head: bool = Field(
-        True, description="Quantise the logits projection (the largest matmul, and with tied embeddings the "
-        "embedding table that the file would otherwise keep in fp32).")
-    quantize_embedding: bool = Field(
-        True, description="Quantise the embedding table. weight-only with tied embeddings: the Gather reads the "
-        "lm_head's int8 table (stored once); dynamic: a second, uint8 per-tensor copy.")
-
-    @model_validator(mode="after")
-    def _fields_match_method(self):
-        # Defaults pass, so a fully resolved recipe (every field written out) loads again.
-        other = {"weight-only": ("per_channel",), "dynamic": ("block_size", "accuracy_level")}[self.method]
-        fields = type(self).model_fields
-        wrong = [f for f in other if f in self.model_fields_set and getattr(self, f) != fields[f].default]
-        if wrong:
-            method = "dynamic" if self.method == "weight-only" else "weight-only"
-            raise ValueError(f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} only to method: "
-                             f"{method}; remove {'it' if len(wrong) == 1 else 'them'} or set method: {method}")
-        return self
-
-
-class OnnxInt4Spec(_Spec):
-    """onnxruntime `MatMulNBitsQuantizer`: 4-bit block-wise weights, weight-only."""
-
-    kind: Literal["onnx-int4"] = Field(description="4-bit block-wise weight-only quantisation (MatMulNBits).")
-    name: str = Field("int4", pattern=_NAME, description="Label of this variant: its folder and report key.")
-    block_size: BlockSize = Field(32, description="Weights per quantisation block along the input dimension; a "
-                                  "power of two >= 16. SmolLM2-135M at 16: perplexity +21 % instead of +24 %, "
-                                  "17 MB more.")
-    symmetric: bool = Field(True, description="Symmetric blocks (no zero points). false stores a zero point per "
-                            "block: SmolLM2-135M perplexity +20 % instead of +24 % for 3.5 MB more (speed not "
-                            "yet measured on a quiet machine).")
-    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
-        4, description="MatMulNBits compute type: 4 = int8 activations per block (fastest on CPU), 1 = fp32, "
-        "0 = onnxruntime's default. Below 4 the CPU kernel is slower than int8.")
-    quantize_lm_head: bool = Field(
-        True, description="Quantise the logits projection (the largest matmul; left fp32 it also keeps a tied "
-        "embedding table in fp32: SmolLM2-135M 181 MB instead of 103 MB).")
-    lm_head_bits: Literal[4, 8] = Field(
-        8, description="Bits of the logits projection and of the embedding table. SmolLM2-135M perplexity: "
-        "+24 % at 8 (103 MB file), +36 % at 4 (89 MB); the output layer is the most sensitive one.")
-    quantize_embedding: bool = Field(
-        True, description="Quantise the embedding table too (GatherBlockQuantized). With tied embeddings it "
-        "reads the lm_head's quantised table, so the table is stored once; needs quantize_lm_head.")
-
-
-class OnnxFp16Spec(_Spec):
-    """onnxruntime's `convert_float_to_float16`: fp16 weights and compute, fp32 logits."""
-
-    kind: Literal["onnx-fp16"] = Field(description="Half-precision weights and compute; for GPUs and "
-                                       "fp16-capable mobile CPUs (on x86 onnxruntime casts back to fp32).")
-    name: str = Field("fp16", pattern=_NAME, description="Label of this variant: its folder and report key.")
-    kv_cache: Literal["float16", "float32"] = Field(
-        "float16", description="Type of the past/present KV inputs and outputs. float16 halves KV memory; "
-        "float32 keeps the fp32 graph's interface (Casts inside the graph).")
-
-
-QuantSpec = Annotated[Union[OnnxInt8Spec, OnnxInt4Spec, OnnxFp16Spec], Field(discriminator="kind")]
-
-
-@dataclass(frozen=True)
-class QuantizedModel:
-    path: Path
-    kind: str
-    name: str
-    bytes: int
-
-    def to_json(self) -> dict:
-        return {"schema_version": 1, "path": str(self.path), "kind": self.kind, "name": self.name,
-                "bytes": self.bytes}
-
-    @classmethod
-    def from_json(cls, data: dict) -> QuantizedModel:
-        return cls(Path(data["path"]), str(data["kind"]), str(data["name"]), int(data["bytes"]))
 
 
 def quantize_onnx(src: Path, out_dir: Path, spec: QuantSpec) -> QuantizedModel:
@@ -165,10 +59,9 @@ def _graph_parts(graph):
 
 
 def _check_tied_choice(tied: bool, spec) -> None:
-    if tied and spec.quantize_embedding and not spec.quantize_lm_head:
-        raise ExportError(f"{spec.kind} '{spec.name}': quantize_embedding without quantize_lm_head would store the "
-                          "tied embedding table twice (fp32 for the lm_head, quantised for the embedding), a larger "
-                          "file than not quantising it; set quantize_lm_head: true or quantize_embedding: false.")
+    problem = tied_table_problem(spec, tied)
+    if problem:
+        raise ExportError(problem)
 
 
 def _int8_dynamic(model, path: Path, spec: OnnxInt8Spec) -> None:

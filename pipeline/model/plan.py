@@ -5,8 +5,8 @@ No torch here, so every rule (ranking, ties, limits) is tested with plain number
 
 from __future__ import annotations
 
-from .artifacts import DropPlan, Scores
-from .errors import RecipeError
+from ..artifacts import DropPlan, Scores
+from ..errors import RecipeError
 
 
 def _lowest(scores: list[tuple[str, int, float]], n: int) -> list[tuple[str, int, float]]:
@@ -15,24 +15,25 @@ def _lowest(scores: list[tuple[str, int, float]], n: int) -> list[tuple[str, int
 
 
 def plan_drop(scores: Scores, joint: int = 0, attention: int = 0, mlp: int = 0, blocks: int = 0) -> DropPlan:
-    """One-shot plan: drop the n lowest-scoring units of the requested kind(s)."""
+    """One-shot plan: drop the n lowest-scoring units of the requested kind(s). A plan always keeps at least
+    one attention sublayer: under joint ranking the last one is skipped for the next-lowest MLP."""
     n_layers = scores.num_layers
     attn = [("attention", i, s) for i, s in enumerate(scores.attention)]
     ffn = [("mlp", i, s) for i, s in enumerate(scores.mlp)]
-    if max(attention, mlp, blocks) > n_layers or joint > 2 * n_layers:
-        raise ValueError(f"drop counts exceed a {n_layers}-layer model (recipe.check_against_model catches this)")
+    if max(attention, mlp, blocks) >= n_layers or joint >= 2 * n_layers:
+        raise RecipeError([f"drop: the counts ({dict(joint=joint, attention=attention, mlp=mlp, blocks=blocks)}) "
+                           f"would leave nothing of a {n_layers}-layer model; at least one of each kind must stay"])
     if joint:
-        order, method = _lowest(attn + ffn, joint), "joint"
+        ranked = _lowest(attn + ffn, 2 * n_layers)
+        last_attention = max(i for i, (kind, *_) in enumerate(ranked) if kind == "attention")
+        order, method = [u for i, u in enumerate(ranked) if i != last_attention][:joint], "joint"
     elif blocks:
-        chosen = _lowest([("block", i, s) for i, s in enumerate(scores.block)], blocks)
-        order, method = chosen, "blocks"
+        order, method = _lowest([("block", i, s) for i, s in enumerate(scores.block)], blocks), "blocks"
     else:
         order = _lowest(attn, attention) + _lowest(ffn, mlp)
         method = "+".join(k for k, v in (("attention", attention), ("mlp", mlp)) if v) or "none"
     drop_attn = sorted(i for k, i, _ in order if k in ("attention", "block"))
     drop_mlp = sorted(i for k, i, _ in order if k in ("mlp", "block"))
-    if len(drop_attn) == n_layers:
-        raise RecipeError([f"drop: the plan removes all {n_layers} attention layers; keep at least one"])
     return DropPlan(method=method, attention=tuple(drop_attn), mlp=tuple(drop_mlp), num_layers=n_layers,
                     order=tuple((k, i, round(s, 8)) for k, i, s in order))
 

@@ -6,16 +6,14 @@ cross-entropy on the text, or both. What trains: hand-written LoRA adapters (mer
 nn.Linear weights afterwards, so saved and exported models keep the original module structure and
 parameter names), only the norms, the MLPs around dropped attention, or everything.
 
-Uses the recipe block `recipe.HealSpec` (kept there, free of torch, so `slimformer --help` stays light).
+Configured by the recipe block `pipeline.config.recipe.HealSpec`.
 Owns the training windows (`heal_windows`), the loop (`heal`) and its loss curve (`write_curve`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -27,12 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import console
+from ..artifacts import HealCurve
+from ..config.recipe import HealSpec
+from ..errors import DataError, ModelError, SlimformerError
 from .adapters import adapter_for, decoder_layers, get_path
-from .errors import DataError, ModelError, SlimformerError
 from .prune import drop_lists
-from .recipe import DEFAULT_LORA_MODULES, HealSpec  # noqa: F401 (HealSpec is part of this module's API)
 
-CURVE_JSON = "heal_curve.json"
 CURVE_PNG = "heal_curve.png"
 # ---------------------------------------------------------------- LoRA
 
@@ -179,10 +178,9 @@ class HealResult:
     trainable_params: int
     device: str
 
-    def to_json(self) -> dict:
-        return {"schema_version": 1, "steps": self.steps, "stopped_by": self.stopped_by,
-                "seconds": self.seconds, "trainable_params": self.trainable_params, "device": self.device,
-                "curve": [dict(row) for row in self.curve]}
+    def record(self) -> HealCurve:
+        return HealCurve(steps=self.steps, stopped_by=self.stopped_by, seconds=self.seconds,
+                         trainable_params=self.trainable_params, device=self.device, curve=tuple(self.curve))
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -245,8 +243,6 @@ def heal(student, teacher, windows: np.ndarray, spec: HealSpec, progress: bool =
     bit-identical on the same machine (on CPU). Neither argument is modified (the teacher is moved to the
     device and back). Raises SlimformerError if the loss stops being finite.
     """
-    from tqdm import tqdm
-
     windows = np.asarray(windows)
     _check_windows(windows, student.config.vocab_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -260,8 +256,7 @@ def heal(student, teacher, windows: np.ndarray, spec: HealSpec, progress: bool =
     data = torch.from_numpy(windows.astype(np.int64))
     curve, stopped_by = [], "steps"
     start = time.perf_counter()
-    with _as_teacher(teacher, device), tqdm(total=spec.steps, desc="heal", file=sys.stderr,
-                                            disable=not progress, leave=False) as bar:
+    with _as_teacher(teacher, device), console.progress(total=spec.steps, desc="heal", disable=None if progress else True) as bar:
         for step, rows in enumerate(order):
             lr = optimizer.param_groups[0]["lr"]
             terms = _losses(model, teacher, data[rows].to(device), spec)
@@ -320,9 +315,7 @@ def plot_curve(result: HealResult, path: Path) -> Path:
 
 
 def write_curve(result: HealResult, folder: Path) -> tuple[Path, Path]:
-    """Write heal_curve.json (HealResult.to_json) and heal_curve.png into `folder`; returns both paths."""
+    """Write heal_curve.json (a HealCurve record) and heal_curve.png into `folder`; returns both paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = folder / CURVE_JSON
-    data.write_text(json.dumps(result.to_json(), indent=1) + "\n")
-    return data, plot_curve(result, folder / CURVE_PNG)
+    return result.record().write(folder), plot_curve(result, folder / CURVE_PNG)

@@ -5,22 +5,25 @@ text-generation-with-past`), then onnxruntime's quantisers as their documentatio
 `quantize_dynamic` (per-channel, uint8 weights: the type onnxruntime advises on x86 without VNNI, where int8
 weights overflow), 4-bit with `MatMulNBitsQuantizer` at slimformer's int4 settings (block size, symmetry,
 accuracy level), so that the bit width and block layout match.
-slimformer path: the recipe's drop, `pipeline.export_onnx`, and the recipe's onnx-int8 / onnx-int4 variants.
+slimformer path: the recipe's drop, `pipeline.export.onnx`, and the recipe's onnx-int8 / onnx-int4 variants.
 Every file is measured the same way in one run: file size, KV cache per token, held-out perplexity and
 multiple-choice accuracy (ort_runner in a child process), decode ms/token timed in interleaved rounds.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from .errors import ExportError
-from .quantize import OnnxInt4Spec, OnnxInt8Spec
-from .recipe import Recipe
+from .. import console
+from ..config.quantize import OnnxInt4Spec, OnnxInt8Spec
+from ..config.recipe import Recipe
+from ..errors import ExportError
+from ..measure.validate import file_mb, interleaved_latency, prepare_eval_data, run_runner
+from ..stages import drop, export, plan, prepare, quantize, score
+from .common import bench_log, write_json
 
 EXPORT_TIMEOUT_S = 1800
 BITS = ("fp32", "int8", "int4")
@@ -66,68 +69,57 @@ def peer_quantize(fp32: Path, out_dir: Path, int4: OnnxInt4Spec) -> dict[str, Pa
 def slimformer_files(recipe: Recipe, loaded, folder: Path) -> dict[str, Path]:
     """The recipe's drop, exported and quantised by slimformer's own stages (its first int8 and int4 specs,
     else their defaults)."""
-    from .quantize import quantize_onnx
-    from .run import drop, export, plan, score
-
     scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
-    pruned = drop(loaded.model, plan(scores, recipe), loaded.tokenizer, folder / "hf")
-    fp32 = export(pruned, loaded.tokenizer, folder / "fp32", recipe.export.opset).path
-    specs = {"int8": _first(recipe, "onnx-int8") or OnnxInt8Spec(kind="onnx-int8"),
-             "int4": _first(recipe, "onnx-int4") or OnnxInt4Spec(kind="onnx-int4")}
-    return {"fp32": fp32, **{bits: quantize_onnx(fp32, folder / bits, spec).path for bits, spec in specs.items()}}
+    pruned = drop(loaded.model, plan(scores, recipe.drop), loaded.tokenizer)
+    fp32 = export(pruned, loaded.tokenizer, folder / "fp32", recipe.export).path
+    specs = [(_first(recipe, "onnx-int8") or OnnxInt8Spec(kind="onnx-int8")).model_copy(update={"name": "int8"}),
+             (_first(recipe, "onnx-int4") or OnnxInt4Spec(kind="onnx-int4")).model_copy(update={"name": "int4"})]
+    return {"fp32": fp32, **quantize(fp32, specs, folder)}
 
 
 def _first(recipe: Recipe, kind: str):
     return next((q for q in recipe.quantize if q.kind == kind), None)
 
 
-def compare(recipe: Recipe, out: str | None = None, rounds: int = 3) -> list[dict]:
+def compare(recipe: Recipe, out: str | None = None) -> list[dict]:
     """Measure the peer path and slimformer's at fp32, int8 and 4-bit; print and return one row per file."""
-    from .ort_runner import save_inputs
-    from .run import load
-    from .sweep import interleaved_decode_latency
-    from .validate import prepare_eval_data, run_runner
+    from ..measure.ort_runner import save_inputs
 
-    loaded = load(recipe)
-    if loaded.folder is None:
-        raise ExportError("the peer comparison runs optimum-cli on a Hugging Face folder; use a packaged or hf "
-                          "model source, not gguf")
-    int4 = _first(recipe, "onnx-int4") or OnnxInt4Spec(kind="onnx-int4")
-    data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
-    with tempfile.TemporaryDirectory(prefix="slimformer-peers-") as tmp:
+    with bench_log("peers", out), tempfile.TemporaryDirectory(prefix="slimformer-peers-") as tmp:
+        p = prepare(recipe)
+        if p.loaded.folder is None:
+            raise ExportError("the peer comparison runs optimum-cli on a Hugging Face folder; use a packaged or hf "
+                              "model source, not gguf")
+        int4 = _first(recipe, "onnx-int4") or OnnxInt4Spec(kind="onnx-int4")
+        data = prepare_eval_data(p.loaded.tokenizer, recipe.validate_)
         tmp = Path(tmp)
-        print("peer path: optimum-cli export + onnxruntime quantisation ...", file=sys.stderr, flush=True)
-        files = {("optimum+onnxruntime", b): p for b, p in peer_quantize(
-            optimum_cli_export(loaded.folder, tmp / "peer" / "fp32", recipe.export.opset), tmp / "peer", int4).items()}
-        print("slimformer path: score, drop, export, quantise ...", file=sys.stderr, flush=True)
-        files |= {("slimformer", b): p for b, p in slimformer_files(recipe, loaded, tmp / "slim").items()}
+        console.say("peer path: optimum-cli export + onnxruntime quantisation ...")
+        peer = optimum_cli_export(p.loaded.folder, tmp / "peer" / "fp32", recipe.export.opset)
+        files = {("optimum+onnxruntime", b): path for b, path in peer_quantize(peer, tmp / "peer", int4).items()}
+        console.say("slimformer path: score, drop, export, quantise ...")
+        files |= {("slimformer", b): path for b, path in slimformer_files(recipe, p.loaded, tmp / "slim").items()}
         inputs = tmp / "inputs.npz"
         save_inputs(inputs, windows=data.windows, mc_items=data.mc_items)
         rows = []
         for (path_name, bits), path in files.items():
             acc = run_runner(path, tmp / f"{path_name}-{bits}.json", ["--perplexity", "--mc"], inputs,
-                              recipe.validate_)
-            rows.append({"path": path_name, "bits": bits, "file_mb": _file_mb(path),
+                             recipe.validate_.latency)
+            rows.append({"path": path_name, "bits": bits, "file_mb": file_mb(path),
                          "kv_kb_per_token": acc["kv_bytes_per_token"] / 1024,
                          "perplexity": acc["perplexity"]["perplexity"], "mc_accuracy": acc["multiple_choice"]["accuracy"]})
-            print(f"  {path_name} {bits}: {rows[-1]['file_mb']:.1f} MB, perplexity {rows[-1]['perplexity']:.3f}, "
-                  f"MC {rows[-1]['mc_accuracy']:.3f}", file=sys.stderr, flush=True)
-        print(f"timing {len(files)} files, {rounds} interleaved rounds ...", file=sys.stderr, flush=True)
-        for row, ms in zip(rows, interleaved_decode_latency(list(files.values()), recipe.validate_.latency, rounds)):
-            row["decode_p50_ms"] = ms
+            console.say(f"  {path_name} {bits}: {rows[-1]['file_mb']:.1f} MB, perplexity {rows[-1]['perplexity']:.3f}, "
+                        f"MC {rows[-1]['mc_accuracy']:.3f}")
+        latency = recipe.validate_.latency
+        console.say(f"timing {len(files)} files, {latency.rounds} interleaved rounds ...")
+        timing = interleaved_latency({f"{k[0]}-{k[1]}": v for k, v in files.items()}, latency, tmp)
+        for row in rows:
+            row["decode_p50_ms"] = timing[f"{row['path']}-{row['bits']}"]["decode_ms_p50"]
     settings = {"perplexity_tokens": int(data.windows.size - len(data.windows)), "mc_items": len(data.mc_items),
-                "threads": recipe.validate_.latency.threads, "decode_context": recipe.validate_.latency.decode_context,
-                "rounds": rounds, "int4": int4.model_dump(mode="json")}
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"model": loaded.description, "rows": rows, "settings": settings}, indent=2))
+                "threads": latency.threads, "decode_context": latency.decode_context, "rounds": latency.rounds,
+                "int4": int4.model_dump(mode="json")}
+    write_json(out, {"model": p.loaded.description, "rows": rows, "settings": settings})
     print(markdown_table(rows))
     return rows
-
-
-def _file_mb(path: Path) -> float:
-    files = [path, *path.parent.glob(path.name + "_data"), *path.parent.glob(path.name + ".data")]
-    return sum(f.stat().st_size for f in set(files)) / 1e6
 
 
 def markdown_table(rows: list[dict]) -> str:

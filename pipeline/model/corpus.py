@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
 
 # sha256 of each packaged file the default split reads, relative to assets.ensure_texts().
 DEFAULT_CALIBRATION: dict[str, str] = {

@@ -1,18 +1,18 @@
 """Export a (possibly pruned) causal LM to one ONNX file that optimum's ORTModelForCausalLM loads.
 
 Owns the optimum call that gives KV inputs/outputs only to kept attention layers, the rewrite that stores
-a tied embedding once, the logits check against PyTorch, and the `OnnxExport` record. config.json is the
+a tied embedding once, and the logits check against PyTorch; returns an `OnnxExport` record. config.json is the
 model's own (true layer count, `slimformer_drop`); ORT consumers count KV slots from the graph's inputs.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ExportError
-from .prune import kept_attention_layers
+from ..artifacts import OnnxExport
+from ..errors import ExportError
+from ..model.prune import kept_attention_layers
 
 TASK = "text-generation-with-past"
 ONNX_NAME = "model.onnx"
@@ -21,27 +21,11 @@ MIN_OPSET = 15
 LOGITS_RTOL = 1e-3
 
 
-@dataclass(frozen=True)
-class OnnxExport:
-    path: Path
-    kv_layers: int
-    input_names: list[str]
-    output_names: list[str]
-
-    def to_json(self) -> dict:
-        return {"path": str(self.path), "kv_layers": self.kv_layers,
-                "input_names": list(self.input_names), "output_names": list(self.output_names)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> OnnxExport:
-        return cls(Path(data["path"]), int(data["kv_layers"]), list(data["input_names"]), list(data["output_names"]))
-
-
-def expected_names(kv_layers: int) -> tuple[list[str], list[str]]:
+def expected_names(kv_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The input and output names ORTModelForCausalLM expects for `kv_layers` KV slots."""
     slots = [f"{i}.{kind}" for i in range(kv_layers) for kind in ("key", "value")]
-    return (["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{s}" for s in slots)],
-            ["logits", *(f"present.{s}" for s in slots)])
+    return (("input_ids", "attention_mask", "position_ids", *(f"past_key_values.{s}" for s in slots)),
+            ("logits", *(f"present.{s}" for s in slots)))
 
 
 def export_onnx(model, out_dir: Path, opset: int = 18) -> OnnxExport:
@@ -89,11 +73,11 @@ def _run_optimum(model, out_dir: Path, opset: int, kv_layers: int) -> None:
                           f"(opset {opset}): {e}. Try another opset, or check the installed versions.") from e
 
 
-def _graph_names(path: Path) -> tuple[list[str], list[str]]:
+def _graph_names(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return [i.name for i in graph.input], [o.name for o in graph.output]
+    return tuple(i.name for i in graph.input), tuple(o.name for o in graph.output)
 
 
 def _tie_lm_head(path: Path, table_shape: tuple[int, int]) -> None:

@@ -1,9 +1,8 @@
-"""Validation targets: where an exported model is run besides this host (an emulated arm64 core, a machine over SSH).
+"""Running the self-contained runner on a target: this host, an emulated arm64 core, or a device over SSH.
 
-Owns the target config blocks (`validate.targets` in a recipe), `run_on_target`, which copies the
-self-contained ort_runner.py with the model and its inputs to a target, runs it under a time limit and reads
-the JSON and parity trace back, and `judge`, which turns a target's figures into gates (logits against the
-PyTorch reference, perplexity against the host's figure for the same file and the same windows).
+`run_on_target` copies ort_runner.py with the model and its inputs to the target, runs it under a time limit
+(killing the whole process group when it overruns), reads the JSON result and parity trace back, and always
+removes what it copied. Judging the figures is `pipeline.measure.judge`'s job.
 """
 
 from __future__ import annotations
@@ -17,20 +16,16 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import SlimformerError
+from ..config.targets import ROOT_MARKER, SSH_ENV, ArmEmulatedTarget, HostTarget, SshTarget
+from ..errors import SlimformerError
 
 RUNNER = Path(__file__).with_name("ort_runner.py")
-ROOT_MARKER = ".slimformer-arm-root"  # written by scripts/build_arm_root.sh when the root is complete
 ROOT_PYTHON = "/opt/venv/bin/python3"
 ROOT_QEMU = "/usr/bin/qemu-aarch64-static"
 EMULATED_TIMING = "emulated (not meaningful)"
-SSH_ENV = {"host": "SLIMFORMER_SSH_HOST", "port": "SLIMFORMER_SSH_PORT", "user": "SLIMFORMER_SSH_USER",
-           "key_file": "SLIMFORMER_SSH_KEY", "python": "SLIMFORMER_SSH_PYTHON"}
 # Printed by the target's python before any run: versions, and the CPU features QEMU or the board exposes
 # (AT_HWCAP bits 9 fphp, 20 asimddp, 22 sve; AT_HWCAP2 bit 13 i8mm), read from the auxiliary vector.
 PROBE = r"""
@@ -62,146 +57,18 @@ class TargetError(SlimformerError):
         super().__init__(f"target '{target}': {message}")
 
 
-class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Tolerances(_Block):
-    max_abs_logit_error: float | None = Field(
-        0.01, gt=0, description="Fail if the target's parity-trace logits differ from the PyTorch reference by "
-        "more than this (absolute); null turns the gate off.")
-    min_top1_agreement: float | None = Field(
-        1.0, ge=0, le=1, description="Fail if the target's top-1 tokens agree with the PyTorch reference on less "
-        "than this fraction of (step, row) positions; null turns the gate off.")
-    max_perplexity_diff_pct: float | None = Field(
-        0.5, ge=0, description="Fail if the target's held-out perplexity differs from the host's (same file, "
-        "same windows) by more than this percentage either way; null turns the gate off.")
-
-
-_KEEP = "Replaces the target's value for this variant; omit to keep it."
-
-
-class ToleranceOverride(_Block):
-    max_abs_logit_error: float | None = Field(None, gt=0, description=_KEEP)
-    min_top1_agreement: float | None = Field(None, ge=0, le=1, description=_KEEP)
-    max_perplexity_diff_pct: float | None = Field(None, ge=0, description=_KEEP)
-
-
-class _Target(_Block):
-    timeout_s: float = Field(3600, gt=0, description="Limit in seconds for each step on the target (copy, run).")
-    perplexity_windows: int | None = Field(
-        None, ge=1, description="Score only the first N held-out windows here; null scores them all.")
-    perplexity_tokens: int | None = Field(
-        None, ge=8, description="Score only the first N tokens of each window here; null keeps whole windows.")
-    tolerances: Tolerances = Field(default_factory=Tolerances, description="Gates against the host and PyTorch.")
-    variant_tolerances: dict[str, ToleranceOverride] = Field(
-        default_factory=dict, description="Per-variant changes to `tolerances`, keyed by variant name "
-        "(e.g. int4: {max_abs_logit_error: 2.0}): quantised kernels differ by core.")
-
-    def tolerances_for(self, variant: str) -> Tolerances:
-        override = self.variant_tolerances.get(variant)
-        if override is None:
-            return self.tolerances
-        changes = {k: v for k, v in override.model_dump().items() if v is not None}
-        return self.tolerances.model_copy(update=changes)
-
-
-class HostTarget(_Target):
-    kind: Literal["host"] = Field("host", description="This machine, through a child process.")
-    name: str = Field("host", pattern=r"^[A-Za-z0-9._-]+$", description="Name in reports and gates.")
-
-
-class ArmEmulatedTarget(_Target):
-    kind: Literal["arm64-emulated"] = Field(
-        "arm64-emulated", description="An arm64 Debian root run by QEMU user emulation.")
-    name: str = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="Name in reports; default arm64-<cpu>.")
-    cpu: Literal["cortex-a53", "cortex-a76", "neoverse-n1", "max"] = Field(
-        "cortex-a76", description="Emulated core: cortex-a53 (no dotprod, no fp16), cortex-a76 / neoverse-n1 "
-        "(dotprod, fp16), max (SVE, i8mm). onnxruntime picks different kernels on each.")
-    root: Path | None = Field(None, description="Root built by scripts/build_arm_root.sh; default "
-                              "$SLIMFORMER_HOME/arm64-root.")
-    timeout_s: float = Field(3600, gt=0, description="Limit in seconds for the run (emulation is 30-250x slower).")
-    perplexity_windows: int | None = Field(
-        2, ge=1, description="Score only the first N held-out windows here (emulation is slow); null for all.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_name(cls, data):
-        if isinstance(data, dict) and data.get("name") is None:
-            data = {**data, "name": f"arm64-{data.get('cpu', cls.model_fields['cpu'].default)}"}
-        return data
-
-    def resolved_root(self) -> Path:
-        from .assets import home
-
-        return Path(self.root) if self.root is not None else home() / "arm64-root"
-
-
-class SshTarget(_Target):
-    kind: Literal["ssh"] = Field("ssh", description="A machine reached with the OpenSSH client (phone, ARM board).")
-    name: str = Field("ssh", pattern=r"^[A-Za-z0-9._-]+$", description="Name in reports and gates.")
-    host: str | None = Field(None, description="Host name or address; default $SLIMFORMER_SSH_HOST.")
-    port: int | None = Field(None, ge=1, le=65535, description="SSH port; default $SLIMFORMER_SSH_PORT, else 22.")
-    user: str | None = Field(None, description="Login; default $SLIMFORMER_SSH_USER, else ssh's own default.")
-    key_file: Path | None = Field(None, description="Private key; default $SLIMFORMER_SSH_KEY, else ssh's own.")
-    python: str | None = Field(None, description="Python with onnxruntime and numpy on the target (a command "
-                               "for the remote shell); default $SLIMFORMER_SSH_PYTHON, else python3.")
-    remote_dir: str = Field("/tmp/slimformer", pattern=r"^[A-Za-z0-9._/~-]+$",
-                            description="Folder on the target for the copied files (one sub-folder per run).")
-    connect_timeout_s: int = Field(10, ge=1, description="Seconds ssh waits for the connection.")
-    timeout_s: float = Field(1800, gt=0, description="Limit in seconds for each step (copy, run).")
-
-    def resolved(self, environ=None) -> SshTarget:
-        """A copy with unset connection fields taken from the SLIMFORMER_SSH_* environment variables."""
-        env = os.environ if environ is None else environ
-        update = {k: env[var] for k, var in SSH_ENV.items() if getattr(self, k) is None and env.get(var)}
-        if "port" in update:
-            if not update["port"].isdigit():
-                raise TargetError(self.name, "config", f"{SSH_ENV['port']}={update['port']!r} is not a port number")
-            update["port"] = int(update["port"])
-        target = self.model_copy(update=update)
-        if not target.host:
-            raise TargetError(self.name, "config", f"no host; set `host:` in the recipe or {SSH_ENV['host']}")
-        return target
-
-
-Target = Annotated[HostTarget | ArmEmulatedTarget | SshTarget, Field(discriminator="kind")]
-
-
-def target_problems(targets: list, variants: list[str] | None = None) -> list[str]:
-    """Config checks across the list: unique names (they key reports and files), known variant names."""
-    names = [t.name for t in targets]
-    problems = [f"validate.targets: name '{n}' is used {names.count(n)} times; give each target its own name"
-                for n in sorted(set(names)) if names.count(n) > 1]
-    for t in targets:
-        for v in t.variant_tolerances if variants is not None else ():
-            if v not in variants:
-                problems.append(f"validate.targets.{t.name}.variant_tolerances: no variant is named '{v}'; "
-                                f"variants: {', '.join(variants)}")
-    return problems
-
-
-def unready_targets(targets: list) -> list[str]:
-    """What this machine lacks to run the targets, found before any work starts (an emulated target's root)."""
-    problems = []
-    for t in targets:
-        if t.kind == "arm64-emulated":
-            if not (t.resolved_root() / ROOT_MARKER).is_file():
-                problems.append(f"validate.targets.{t.name}: no arm64 root at {t.resolved_root()}; build it with "
-                                "`make arm-root` (about 5 minutes, 450 MB) or set `root:`")
-            elif os.geteuid() != 0:
-                problems.append(f"validate.targets.{t.name}: the arm64 root is entered with chroot, which needs "
-                                "root; run as root or remove the target")
-    return problems
-
-
-def host_counterpart(target) -> HostTarget:
-    """The host run that `judge` compares `target`'s perplexity with: same windows."""
-    return HostTarget(kind="host", name="host", perplexity_windows=target.perplexity_windows,
-                      perplexity_tokens=target.perplexity_tokens)
-
-
-# --- running ---------------------------------------------------------------------------------------------
+def resolve_ssh(target: SshTarget, environ=None) -> SshTarget:
+    """A copy with unset connection fields taken from the SLIMFORMER_SSH_* environment variables."""
+    env = os.environ if environ is None else environ
+    update = {k: env[var] for k, var in SSH_ENV.items() if getattr(target, k) is None and env.get(var)}
+    if "port" in update:
+        if not update["port"].isdigit():
+            raise TargetError(target.name, "config", f"{SSH_ENV['port']}={update['port']!r} is not a port number")
+        update["port"] = int(update["port"])
+    resolved = target.model_copy(update=update)
+    if not resolved.host:
+        raise TargetError(target.name, "config", f"no host; set `host:` in the recipe or {SSH_ENV['host']}")
+    return resolved
 
 
 def _exec(cmd: list[str], timeout: float, target: str, step: str, stdin: str | None = None):
@@ -335,7 +202,7 @@ def _ssh_failure(t: SshTarget, proc, step: str) -> TargetError:
 
 
 def _run_ssh(target: SshTarget, onnx_path: Path, inputs: Path, workdir: Path, threads: int, flags):
-    t = target.resolved()
+    t = resolve_ssh(target)
     dest = f"{t.user + '@' if t.user else ''}{t.host}"
     ssh = ["ssh", *_ssh_base(t, workdir, "-p"), dest]
     job = f"{t.remote_dir.rstrip('/')}/job-{uuid.uuid4().hex[:12]}"
@@ -402,38 +269,3 @@ def run_on_target(target, onnx_path: Path, inputs_npz: Path, workdir: Path, thre
         with np.load(npz) as data:
             result["trace"].update(npz=str(npz), logits=data["logits"], tokens=data["tokens"])
     return result
-
-
-# --- judging ---------------------------------------------------------------------------------------------
-
-
-def judge(target, variant_name: str, host_result: dict, target_result: dict, reference_trace) -> list[dict]:
-    """Gates for one variant on one target: parity-trace logits and top-1 against the PyTorch reference
-    trace, perplexity against the host's figure for the same file and windows (see `host_counterpart`)."""
-    from .reference import compare_traces
-
-    tol = target.tolerances_for(variant_name)
-    measured = {}
-    if tol.max_abs_logit_error is not None or tol.min_top1_agreement is not None:
-        if "trace" not in target_result:
-            raise ValueError(f"target '{target.name}' result has no parity trace; run it with --trace")
-        stats = compare_traces(list(reference_trace), list(np.asarray(target_result["trace"]["logits"])))
-        measured["max_abs_logit_error"] = (stats["max_abs_error"], "<=")
-        measured["min_top1_agreement"] = (stats["top1_agreement"], ">=")
-    if tol.max_perplexity_diff_pct is not None:
-        host, here = host_result.get("perplexity"), target_result.get("perplexity")
-        if host is None or here is None:
-            raise ValueError(f"perplexity gate on target '{target.name}' needs --perplexity on host and target")
-        if host["tokens"] != here["tokens"]:
-            raise ValueError(f"target '{target.name}' scored {here['tokens']} tokens, the host {host['tokens']}; "
-                             "run the host with the same windows (host_counterpart(target))")
-        measured["max_perplexity_diff_pct"] = (100 * abs(here["perplexity"] / host["perplexity"] - 1), "<=")
-    gates = []
-    for name, limit in tol.model_dump().items():
-        if limit is None or name not in measured:
-            continue
-        value, op = measured[name]
-        passed = value <= limit if op == "<=" else value >= limit
-        gates.append({"name": name, "target": target.name, "variant": variant_name, "value": float(value),
-                      "limit": float(limit), "passed": bool(passed)})
-    return gates

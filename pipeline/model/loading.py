@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from . import assets
-from .errors import ModelError
+from ..artifacts import ModelInfo
+from ..errors import ModelError
 
 Source = Literal["packaged", "hf", "gguf"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -69,11 +70,88 @@ def load_model(source: Source = "packaged", name: str | None = None, path: Path 
     return LoadedModel(model, tokenizer, assets.sha256_file(path), f"GGUF file {path} (dequantised to fp32)")
 
 
-def _load_packaged(name: str) -> LoadedModel:
+def read_model_info(source: Source = "packaged", name: str | None = None, path: Path | str | None = None) -> ModelInfo:
+    """The model's shape from config.json or GGUF metadata, without loading weights (seconds, not minutes), so
+    that a recipe is checked against it before any work. ModelError for a missing file or an unsupported
+    architecture (a GGUF is refused from its metadata, before any conversion)."""
+    if source == "packaged":
+        spec = _packaged_spec(name or "smollm2-135m")
+        folder = _packaged_folder(name or "smollm2-135m")
+        return _info_from_folder(folder) if folder.is_dir() else gguf_model_info(spec.fetch())
+    if path is None:
+        raise ModelError(f"model source {source!r} needs a path ({'a folder' if source == 'hf' else 'a .gguf file'}).")
+    if source == "hf":
+        _safetensors(Path(path))
+        return _info_from_folder(Path(path))
+    return gguf_model_info(_checked_gguf(Path(path)))
+
+
+def _info_from_folder(folder: Path) -> ModelInfo:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelError(f"model folder {folder}: config.json cannot be read by transformers ({e}).") from e
+    return info_from_config(config, f"config.json of {folder}")
+
+
+def info_from_config(config, source: str = "config") -> ModelInfo:
+    """ModelInfo of a transformers config; ModelError when its architecture has no adapter row."""
+    from .adapters import adapter_for
+
+    adapter_for(config)
+    heads = config.num_attention_heads
+    return ModelInfo(
+        model_type=config.model_type, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab_size=config.vocab_size,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)), source=source)
+
+
+def gguf_model_info(path: Path) -> ModelInfo:
+    """ModelInfo from a GGUF file's metadata (tensors are not read); unsupported architectures fail here."""
+    from gguf import GGUFReader
+
+    from .adapters import model_type_for_gguf
+
+    reader = GGUFReader(path)
+    fields = reader.fields
+
+    def get(key, default=None):
+        field = fields.get(key)
+        return field.contents() if field is not None else default
+
+    arch = get("general.architecture")
+    model_type = model_type_for_gguf(arch)
+    heads = int(get(f"{arch}.attention.head_count"))
+    hidden = int(get(f"{arch}.embedding_length"))
+    tensors = {t.name for t in reader.tensors}
+    return ModelInfo(
+        model_type=model_type, num_layers=int(get(f"{arch}.block_count")), hidden_size=hidden,
+        intermediate_size=int(get(f"{arch}.feed_forward_length")), num_heads=heads,
+        num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(get(f"{arch}.attention.key_length", hidden // heads)),
+        vocab_size=len(get("tokenizer.ggml.tokens")), tie_word_embeddings="output.weight" not in tensors,
+        max_position_embeddings=int(get(f"{arch}.context_length", 2048)), source=f"GGUF metadata of {path}")
+
+
+def _packaged_spec(name: str) -> PackagedModel:
     spec = PACKAGED.get(name)
     if spec is None:
         raise ModelError(f"packaged model {name!r} is unknown; packaged models: {', '.join(sorted(PACKAGED))}.")
-    folder = assets.home() / "models" / f"{name}-c{CONVERTER_VERSION}"
+    return spec
+
+
+def _packaged_folder(name: str) -> Path:
+    return assets.home() / "models" / f"{name}-c{CONVERTER_VERSION}"
+
+
+def _load_packaged(name: str) -> LoadedModel:
+    spec = _packaged_spec(name)
+    folder = _packaged_folder(name)
     if not folder.is_dir():  # the folder only appears once a conversion has passed its checks
         convert_gguf(spec.fetch(), folder, expect_rope_theta=spec.rope_theta)
     model, tokenizer = load_hf_folder(folder)
@@ -176,18 +254,23 @@ def load_gguf_file(path: Path):
 
     from .adapters import adapter_for
 
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"GGUF file {path} does not exist; expected a local .gguf file. Fix model.path.")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelError(f"{path} is not a GGUF file (no GGUF magic bytes); expected a llama.cpp .gguf file.")
+    path = _checked_gguf(Path(path))
+    gguf_model_info(path)  # an unsupported architecture fails from the metadata, before the slow conversion
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     except (ValueError, KeyError, NotImplementedError) as e:
         raise ModelError(f"transformers cannot load GGUF file {path}: {e}") from e
     adapter_for(model.config)
     return model.eval(), _load_tokenizer(path.parent, model.config, gguf_file=path.name)
+
+
+def _checked_gguf(path: Path) -> Path:
+    if not path.is_file():
+        raise ModelError(f"GGUF file {path} does not exist; expected a local .gguf file. Fix model.path.")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (no GGUF magic bytes); expected a llama.cpp .gguf file.")
+    return path
 
 
 def convert_gguf(gguf: Path, dest: Path, expect_rope_theta: float | None = None) -> Path:

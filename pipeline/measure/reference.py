@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from ..artifacts import Parity
+
 
 def torch_greedy_trace(model, input_ids, attention_mask, steps: int):
     """([batch, vocab] float32 last-position logits of the prefill and each step, tokens [batch, steps + 1])."""
@@ -36,7 +38,7 @@ def torch_greedy_trace(model, input_ids, attention_mask, steps: int):
     return trace, np.stack([t.argmax(-1) for t in trace], axis=1)
 
 
-def compare_traces(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
+def compare_traces(reference: list[np.ndarray], candidate: list[np.ndarray]) -> Parity:
     """Error of candidate logits against reference logits over every (step, row) of two traces.
 
     `steps` counts the trace entries compared (the prefill is one); sqnr_db is inf for identical traces.
@@ -50,10 +52,6 @@ def compare_traces(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
     err = cand - ref
     noise = float(np.sum(err**2))
     sqnr = math.inf if noise == 0 else 10 * math.log10(float(np.sum(ref**2)) / noise)
-    return {
-        "max_abs_error": float(np.abs(err).max()),
-        "mean_abs_error": float(np.abs(err).mean()),
-        "top1_agreement": float(np.mean(ref.argmax(-1) == cand.argmax(-1))),
-        "sqnr_db": sqnr,
-        "steps": len(reference),
-    }
+    return Parity(max_abs_error=float(np.abs(err).max()), mean_abs_error=float(np.abs(err).mean()),
+                  top1_agreement=float(np.mean(ref.argmax(-1) == cand.argmax(-1))), sqnr_db=sqnr,
+                  steps=len(reference), batch=ref.shape[1], decode_steps=len(reference) - 1)

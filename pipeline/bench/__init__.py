@@ -1,0 +1,1 @@
+"""Benchmarks behind `make bench*` (sweep, heal sweep, peers). Only the CLI imports this package."""

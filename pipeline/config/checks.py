@@ -1,0 +1,159 @@
+"""Every check a recipe and the model's shape allow before any work, in one place.
+
+`recipe_problems(recipe)` needs the recipe alone (files exist, names are unique, targets are ready);
+`model_problems(recipe, info)` adds what the model's config reveals (drop limits, Core ML block sizes and
+context, tied tables). `check_recipe` raises one RecipeError listing every problem. The pipeline calls it right
+after reading the model's config.json or GGUF metadata, before loading weights or scoring.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+from ..artifacts import ModelInfo
+from ..errors import RecipeError
+from .recipe import Recipe
+from .targets import ROOT_MARKER
+
+RESERVED_VARIANTS = ("original", "compressed")
+
+
+def check_recipe(recipe: Recipe, info: ModelInfo | None = None, extra: list[str] = ()) -> None:
+    problems = [*recipe_problems(recipe), *(model_problems(recipe, info) if info is not None else ()), *extra]
+    if problems:
+        raise RecipeError(problems)
+
+
+def variant_names(recipe: Recipe) -> list[str]:
+    return ["compressed", *(q.name for q in recipe.quantize)]
+
+
+def recipe_problems(recipe: Recipe) -> list[str]:
+    problems = []
+    if recipe.heal is not None and recipe.drop.method == "none":
+        problems.append("heal: nothing is dropped, so there is nothing to heal; set drop counts or remove heal")
+    problems += _file_problems(recipe)
+    names = [q.name for q in recipe.quantize]
+    for name in sorted({n for n in names if names.count(n) > 1 or n in RESERVED_VARIANTS}):
+        problems.append(f"quantize: variant name '{name}' is used twice or reserved; give each variant its own name")
+    for name in recipe.validate_.variant_gates:
+        if name not in names:
+            problems.append(f"validate.variant_gates.{name}: no quantize variant is named '{name}'; "
+                            f"variants: {', '.join(names) or 'none'}")
+    problems += target_problems(recipe.validate_.targets, variant_names(recipe))
+    problems += unready_targets(recipe.validate_.targets)
+    return problems
+
+
+def path_problem(path) -> str | None:
+    """Why `path` is not an existing file or folder, or None; never raises (NUL bytes, over-long names...)."""
+    try:
+        os.stat(path)
+        return None
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError) as e:
+        return f"cannot be read ({getattr(e, 'strerror', None) or e})"
+
+
+def _file_problems(recipe: Recipe) -> list[str]:
+    listed = [("model.path", [recipe.model.path] if recipe.model.path is not None else []),
+              ("calibration.files", recipe.calibration.files or []),
+              ("heal.files", (recipe.heal.files or []) if recipe.heal else []),
+              ("validate.files", recipe.validate_.files or []),
+              ("validate.distractor_files", recipe.validate_.distractor_files or [])]
+    problems = []
+    for where, paths in listed:
+        for p in paths:
+            problem = path_problem(p)
+            if problem is None and where != "model.path" and not Path(p).is_file():
+                problem = "is not a file"
+            if problem:
+                problems.append(f"{where}: {p} {problem}")
+    return problems
+
+
+def target_problems(targets: list, variants: list[str] | None = None) -> list[str]:
+    """Unique target names (they key reports and files) and known variant names."""
+    names = [t.name for t in targets]
+    problems = [f"validate.targets: name '{n}' is used {names.count(n)} times; give each target its own name"
+                for n in sorted(set(names)) if names.count(n) > 1]
+    for t in targets:
+        for v in t.variant_tolerances if variants is not None else ():
+            if v not in variants:
+                problems.append(f"validate.targets.{t.name}.variant_tolerances: no variant is named '{v}'; "
+                                f"variants: {', '.join(variants)}")
+    return problems
+
+
+def unready_targets(targets: list) -> list[str]:
+    """What this machine lacks to run the targets: an emulated target's root, root rights for chroot."""
+    problems = []
+    for t in targets:
+        if t.kind == "arm64-emulated":
+            if path_problem(t.resolved_root() / ROOT_MARKER):
+                problems.append(f"validate.targets.{t.name}: no arm64 root at {t.resolved_root()}; build it with "
+                                "`make arm-root` (about 5 minutes, 450 MB) or set `root:`")
+            elif os.geteuid() != 0:
+                problems.append(f"validate.targets.{t.name}: the arm64 root is entered with chroot, which needs "
+                                "root; run as root or remove the target")
+    return problems
+
+
+def model_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
+    return [*_drop_problems(recipe, info), *coreml_problems(recipe.export.coreml, info),
+            *_tied_table_problems(recipe, info)]
+
+
+def _drop_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
+    d, n = recipe.drop, info.num_layers
+    limits = {"attention": (n - 1, "attention sublayers"), "mlp": (n - 1, "MLP sublayers"),
+              "blocks": (n - 1, "blocks"), "joint": (2 * n - 1, "sublayers")}
+    problems = []
+    for kind, (limit, what) in limits.items():
+        if getattr(d, kind) > limit:
+            problems.append(f"drop.{kind}: {getattr(d, kind)} requested but the model has only {limit + 1} {what} "
+                            f"and at least one must stay; use at most {limit}")
+    return problems
+
+
+def coreml_problems(spec, info: ModelInfo) -> list[str]:
+    """What stops Core ML packages of this model from being written as `spec` (export.coreml) asks."""
+    if spec is None:
+        return []
+    problems = []
+    if spec.context_length > info.max_position_embeddings:
+        problems.append(f"export.coreml.context_length: {spec.context_length} exceeds the model's "
+                        f"max_position_embeddings {info.max_position_embeddings}; use at most "
+                        f"{info.max_position_embeddings}")
+    widths = info.linear_input_widths
+    for c in spec.compression:
+        bad = [w for w in widths if c.kind == "linear-int4" and w % c.block_size]
+        if bad:
+            problems.append(f"export.coreml.compression: linear-int4 block_size {c.block_size} does not divide the "
+                            f"input width(s) {bad} of this model's weights (coremltools would silently leave them "
+                            f"fp16); use a divisor of {math.gcd(*widths)}, such as 32 or 16")
+        if c.kind == "palettize" and c.mode == "kmeans" and not have_sklearn():
+            problems.append("export.coreml.compression: palettize mode 'kmeans' needs scikit-learn, which is not "
+                            "installed; pip install scikit-learn, or use mode 'uniform'")
+    return problems
+
+
+def have_sklearn() -> bool:
+    return importlib.util.find_spec("sklearn") is not None
+
+
+def _tied_table_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
+    return [p for q in recipe.quantize if (p := tied_table_problem(q, info.tie_word_embeddings))]
+
+
+def tied_table_problem(spec, tied: bool) -> str | None:
+    """A quantize entry that would store a tied embedding table twice, or None."""
+    if tied and getattr(spec, "quantize_embedding", False) and not spec.quantize_lm_head:
+        return (f"quantize.{spec.name}: quantize_embedding without quantize_lm_head would store the tied embedding "
+                "table twice (fp32 for the lm_head, quantised for the embedding), a larger file than not quantising "
+                "it; set quantize_lm_head: true or quantize_embedding: false")
+    return None

@@ -1,0 +1,105 @@
+"""The one table of architecture differences: every attribute name generic code needs, one row per family.
+
+Generic code (scoring, pruning, healing, export) asks the adapter, never `isinstance(model, LlamaForCausalLM)`.
+Adding an architecture means adding a row here and a tiny-config case in tests/conftest.py (a test fails when
+a row has none); README "Adding an architecture" walks through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+
+from ..errors import ModelError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Attribute paths inside one architecture's `*ForCausalLM` and its decoder layer."""
+
+    model_type: str
+    gguf_arch: str  # `general.architecture` in a GGUF file of this family
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    rotary: str = "model.rotary_emb"
+    # A sublayer is (norm before it, the module, norm after it or None); the residual is added after.
+    attention: str = "self_attn"
+    attention_norm: str = "input_layernorm"
+    attention_post_norm: str | None = None
+    mlp: str = "mlp"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_post_norm: str | None = None
+    # Linear layers inside the attention module and the MLP (gated MLP: act(gate(x)) * up(x) -> down).
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    gate_proj: str = "gate_proj"
+    up_proj: str = "up_proj"
+    down_proj: str = "down_proj"
+
+    @property
+    def attention_parts(self) -> tuple[str, ...]:
+        """The layer attributes removed with the attention sublayer."""
+        return tuple(n for n in (self.attention, self.attention_norm, self.attention_post_norm) if n)
+
+    @property
+    def mlp_parts(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.mlp, self.mlp_norm, self.mlp_post_norm) if n)
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.gate_proj, self.up_proj, self.down_proj)
+
+
+# Llama-family decoders share one layout; each still gets its own row so that support is explicit and
+# tests can require a tiny-model test per row. Mistral GGUFs are written with the llama architecture name.
+ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter("llama", gguf_arch="llama"),
+    "mistral": Adapter("mistral", gguf_arch="llama"),
+    "qwen2": Adapter("qwen2", gguf_arch="qwen2"),
+    "qwen3": Adapter("qwen3", gguf_arch="qwen3"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def unsupported(model_type, where: str = "") -> ModelError:
+    return ModelError(
+        f"architecture {model_type!r}{' (' + where + ')' if where else ''} is not supported; supported: "
+        f"{', '.join(supported_architectures())}. Pick a model of a supported family, or add a row to "
+        "pipeline/model/adapters.py (README: Adding an architecture).")
+
+
+def adapter_for(config) -> Adapter:
+    """The adapter for a transformers config, or a ModelError naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise unsupported(model_type)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and len(set(layer_types)) > 1:
+        raise ModelError(
+            f"this {model_type} config mixes attention kinds {sorted(set(layer_types))}; dropping layers from "
+            "models with mixed sliding/full attention is not supported. Use a config with one attention kind.")
+    return ADAPTERS[model_type]
+
+
+def model_type_for_gguf(arch: str) -> str:
+    """The transformers model_type of a GGUF `general.architecture`, or a ModelError naming what is supported."""
+    for adapter in ADAPTERS.values():
+        if adapter.gguf_arch == arch:
+            return adapter.model_type
+    raise unsupported(arch, "GGUF general.architecture")
+
+
+def get_path(obj, dotted: str):
+    return reduce(getattr, dotted.split("."), obj)
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a causal LM, in order."""
+    return list(get_path(model, adapter_for(model.config).layers))

@@ -1,0 +1,370 @@
+"""The stage order, owned here and nowhere else:
+
+recipe -> checks -> model -> scores -> plan -> pruned (and healed) model -> ONNX export -> quantised variants
+-> mobile packages -> validation -> report and run folder.
+
+Each stage is a function with typed input and output. `run` chains them inside a staged folder that is renamed
+into place only when every stage has finished. `prepare` (checks, then the model) is the front of every command
+that loads a model: `run`, the benches and `targets`; the benches then call the same stage functions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import console
+from .artifacts import DropPlan, HealSummary, ModelInfo, OnnxExport, Packages, Report, Scores, TargetsReport
+from .config.checks import model_problems, path_problem, recipe_problems, target_problems, unready_targets
+from .config.recipe import CalibrationSpec, DropSpec, ExportSpec, Recipe
+from .errors import DataError, GateError, ModelError, RecipeError, SlimformerError
+
+STAGES = ("check", "load model", "score", "plan", "drop", "heal", "export", "quantize", "package", "validate",
+          "report")
+# Encoded by onnxruntime-genai's tokenizer and by the Hugging Face one; both must give the same ids.
+GENAI_CHECK_TEXT = "Hello, world!  It's 2026; caf\u00e9 prices rose 3.5%\n\tand then\u2014fell."
+
+
+@contextmanager
+def stage(name: str, timings: dict | None = None):
+    with console.stage(STAGES.index(name) + 1, len(STAGES), name, timings):
+        yield
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked recipe and its loaded model: the common start of every command."""
+
+    recipe: Recipe
+    info: ModelInfo
+    loaded: object  # pipeline.model.loading.LoadedModel
+
+
+# ---------------------------------------------------------------- checks and loading
+
+def preflight(recipe: Recipe) -> ModelInfo:
+    """Every check a recipe allows before loading weights, all problems in one RecipeError: the recipe's own
+    (files, names, targets), the model's config or GGUF metadata (architecture, drop limits, Core ML, tied
+    tables) and the text split (calibration or healing text must not overlap evaluation text)."""
+    from .model.loading import read_model_info
+
+    problems = recipe_problems(recipe)
+    info = None
+    if recipe.model.path is None or path_problem(recipe.model.path) is None:
+        try:
+            info = read_model_info(recipe.model.source, name=recipe.model.name, path=recipe.model.path)
+        except ModelError as e:
+            problems.append(f"model: {e}")
+    if info is not None:
+        problems += model_problems(recipe, info)
+    if not problems:
+        problems += _overlap_problems(recipe)
+    if problems:
+        raise RecipeError(problems)
+    return info
+
+
+def _overlap_problems(recipe: Recipe) -> list[str]:
+    from .model.corpus import check_disjoint
+
+    held_out = evaluation_files(recipe)
+    sides = [(recipe.calibration.files, "calibration")]
+    if recipe.heal is not None:
+        sides.append((recipe.heal.files or recipe.calibration.files, "healing"))
+    problems = []
+    for files, role in sides:
+        try:
+            check_disjoint(files, held_out, role=role)
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
+def evaluation_files(recipe: Recipe) -> list[Path]:
+    """Every file evaluation reads (held-out text and distractors), packaged defaults included."""
+    from .model.corpus import default_files
+
+    v = recipe.validate_
+    split = default_files() if v.files is None or v.distractor_files is None else {}
+    return [*(v.files if v.files is not None else split["evaluation"]),
+            *(v.distractor_files if v.distractor_files is not None else split["distractor"])]
+
+
+def load(recipe: Recipe):
+    """The model and tokenizer the recipe names (a packaged model is converted once and cached)."""
+    from .model.loading import load_model
+
+    return load_model(recipe.model.source, name=recipe.model.name, path=recipe.model.path)
+
+
+def prepare(recipe: Recipe, timings: dict | None = None) -> Prepared:
+    with stage("check", timings):
+        info = preflight(recipe)
+    with stage("load model", timings):
+        loaded = load(recipe)
+    return Prepared(recipe, info, loaded)
+
+
+# ---------------------------------------------------------------- model stages
+
+def score(model, tokenizer, spec: CalibrationSpec, name: str) -> Scores:
+    from .model.corpus import calibration_texts, token_windows
+    from .model.scoring import score_model
+
+    windows = token_windows(tokenizer, calibration_texts(spec.files), spec.samples, spec.seq_len)
+    return score_model(model, windows, batch_size=spec.batch_size, name=name)
+
+
+def plan(scores: Scores, spec: DropSpec) -> DropPlan:
+    from .model.plan import plan_drop
+
+    return plan_drop(scores, joint=spec.joint, attention=spec.attention, mlp=spec.mlp, blocks=spec.blocks)
+
+
+def drop(model, drop_plan: DropPlan, tokenizer, folder: Path | None = None):
+    """The pruned model (a new object); also saved as a Hugging Face folder that reloads identically."""
+    from .model.prune import drop_sublayers
+
+    pruned = drop_sublayers(model, list(drop_plan.attention), list(drop_plan.mlp))
+    if folder is not None:
+        pruned.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return pruned
+
+
+def heal(pruned, original, tokenizer, recipe: Recipe, data, folder: Path | None = None, before=None,
+         progress: bool = True) -> tuple[object, HealSummary]:
+    """(healed model, summary): the pruned model fine-tuned by the recipe's heal block, with held-out perplexity
+    and accuracy before and after (PyTorch, same data; `before` when already measured). With a `folder`, the
+    healed weights replace `folder/hf` (export reads them) and the loss curve is written there."""
+    from .measure.torch_lm import torch_accuracy
+    from .model.heal import heal as train, heal_windows, write_curve
+    from .rundir import sha256_file
+
+    spec = recipe.heal
+    windows = heal_windows(tokenizer, spec, recipe.calibration.files)
+    before = before or torch_accuracy(pruned, data)
+    result = train(pruned, original, windows, spec, progress=progress)
+    after = torch_accuracy(result.model, data)
+    weights = None
+    if folder is not None:
+        write_curve(result, folder)
+        result.model.save_pretrained(folder / "hf")
+        weights = sha256_file(folder / "hf" / "model.safetensors")
+    console.say(f"heal: perplexity {before.perplexity:.3f} -> {after.perplexity:.3f}, multiple choice "
+                f"{before.mc_accuracy:.3f} -> {after.mc_accuracy:.3f} ({result.steps} steps, {result.seconds:.0f} s)")
+    return result.model, HealSummary(
+        objective=spec.objective, train=spec.train, steps=result.steps, stopped_by=result.stopped_by,
+        seconds=result.seconds, device=result.device, trainable_params=result.trainable_params,
+        windows=int(len(windows)), tokens_seen=result.steps * spec.batch_size * spec.seq_len,
+        first_loss=result.curve[0]["loss"], last_loss=result.curve[-1]["loss"], before=before, after=after,
+        weights_sha256=weights)
+
+
+# ---------------------------------------------------------------- files
+
+def export(model, tokenizer, folder: Path, spec: ExportSpec) -> OnnxExport:
+    from .export.onnx import export_onnx
+
+    result = export_onnx(model, folder, opset=spec.opset)
+    tokenizer.save_pretrained(folder)
+    return result
+
+
+def baseline_onnx(loaded, opset: int) -> Path:
+    """The undropped model's ONNX, exported once and cached under a key of everything it depends on: the
+    weights, config.json, the exporter's code and the library versions."""
+    from .export import onnx as exporter
+    from .model.assets import home
+    from .rundir import library_versions, sha256_file, sha256_json, staged_folder
+
+    key = {"weights": loaded.source_sha256, "config": loaded.model.config.to_dict(), "opset": opset,
+           "exporter": sha256_file(Path(exporter.__file__)), "libraries": library_versions()}
+    folder = home() / "baselines" / sha256_json(key)[:24]
+    if not (folder / "model.onnx").exists():
+        with staged_folder(folder) as tmp:
+            exporter.export_onnx(loaded.model, tmp, opset=opset)
+            (tmp / "key.json").write_text(yaml.safe_dump(key, sort_keys=True))
+    return folder / "model.onnx"
+
+
+def quantize(fp32: Path, specs, folder: Path) -> dict[str, Path]:
+    """One folder per quantised variant (`onnx-<name>/`), with the fp32 folder's config and tokenizer files."""
+    from .export.quantize import quantize_onnx
+
+    variants = {}
+    for spec in specs:
+        out = folder / f"onnx-{spec.name}"
+        variants[spec.name] = quantize_onnx(fp32, out, spec).path
+        for extra in fp32.parent.iterdir():
+            if extra.suffix != ".onnx" and not extra.name.endswith(".onnx_data"):
+                shutil.copy2(extra, out / extra.name)
+    return variants
+
+
+def package(variants: dict[str, Path], pruned, tokenizer, spec: ExportSpec, folder: Path) -> Packages:
+    """Mobile deliverables: .ort files and onnxruntime-genai folders per ONNX variant, Core ML packages."""
+    import dataclasses
+
+    from .artifacts import GenaiFolder
+    from .export.mobile import genai_tokenizer_problem, ort_parity, to_ort_format, write_genai_folder
+
+    ort, genai, coreml = {}, {}, []
+    check_ids = [tokenizer(GENAI_CHECK_TEXT, add_special_tokens=False)["input_ids"]]
+    for name, path in variants.items():
+        if spec.ort_format:
+            converted = to_ort_format(path, folder / f"ort-{name}")
+            ort[name] = dataclasses.replace(converted, parity_vs_onnx=ort_parity(path, converted.path, check_ids))
+        if spec.genai:
+            out = write_genai_folder(path, pruned.config, tokenizer, folder / f"genai-{name}")
+            # Apps may tokenise on their own, so a tokenizer genai misreads is reported, not fatal.
+            genai[name] = GenaiFolder(out, genai_tokenizer_problem(out, tokenizer, GENAI_CHECK_TEXT))
+    if spec.coreml is not None:
+        from .export.coreml import export_coreml, predict_parity
+
+        coreml = [dataclasses.replace(p, numerics=predict_parity(p, pruned, [[1, 2, 3, 4]]))
+                  for p in export_coreml(pruned, folder / "coreml", spec.coreml)]
+    return Packages(ort=ort, genai=genai, coreml=tuple(coreml))
+
+
+# ---------------------------------------------------------------- the run
+
+def run(recipe: Recipe) -> Path:
+    """Run every stage; return the finished run folder. Raises GateError (after writing) if a gate fails."""
+    from .rundir import new_run_path, staged_folder
+
+    start, timings = time.perf_counter(), {}
+    with stage("check", timings):
+        info = preflight(recipe)
+    final = new_run_path(recipe.output.dir, recipe.name)
+    with staged_folder(final) as tmp:
+        log = tmp / "run.log"
+        try:
+            with console.capture(log):
+                report = _stages(recipe, info, tmp, timings, start)
+        except Exception:  # a failure, not Ctrl-C or a kill: keep the library output that may explain it
+            if log.is_file():
+                failed = final.with_name(final.name + ".failed.log")
+                shutil.copy2(log, failed)
+                console.say(f"library output of the failed run: {failed}")
+            raise
+    print((final / "report.md").read_text())
+    print(f"run folder: {final}\nwall time: {report.wall_seconds:.0f} s "
+          f"({', '.join(f'{k} {v:.0f} s' for k, v in report.stage_seconds.items())})")
+    if not report.passed:
+        raise GateError(report.validation.failures(), str(final))
+    return final
+
+
+def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: float) -> Report:
+    from .measure.validate import prepare_eval_data, validate
+
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    with stage("load model", timings):
+        loaded = load(recipe)
+    with stage("score", timings):
+        scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
+        scores.write(tmp)
+    with stage("plan", timings):
+        drop_plan = plan(scores, recipe.drop)
+        drop_plan.write(tmp)
+    with stage("drop", timings):
+        pruned = drop(loaded.model, drop_plan, loaded.tokenizer, tmp / "hf")
+    data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
+    healing = None
+    if recipe.heal is None:
+        console.skipped(STAGES.index("heal") + 1, len(STAGES), "heal", "the recipe has no heal block")
+    else:
+        with stage("heal", timings):
+            pruned, healing = heal(pruned, loaded.model, loaded.tokenizer, recipe, data, tmp)
+    with stage("export", timings):
+        exported = export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export)
+        original_onnx = baseline_onnx(loaded, recipe.export.opset)
+    with stage("quantize", timings):
+        variants = {"compressed": exported.path, **quantize(exported.path, recipe.quantize, tmp)}
+    with stage("package", timings):
+        packages = package(variants, pruned, loaded.tokenizer, recipe.export, tmp)
+    with stage("validate", timings):
+        work = tmp / "validation"
+        work.mkdir()
+        params = {"original": _params_m(loaded.model), "compressed": _params_m(pruned)}
+        validation = validate(original_onnx, variants, params, pruned, data, recipe.validate_, work,
+                              original_onnx.parent)
+        shutil.rmtree(work)
+    with stage("report", timings):
+        report = Report(name=recipe.name, plan=drop_plan, heal=healing, validation=validation, packages=packages,
+                        stage_seconds=dict(timings), wall_seconds=round(time.perf_counter() - start, 1))
+        write_report(report, scores, tmp)
+        _manifest(tmp, recipe, loaded, variants, report)
+    return report
+
+
+def _params_m(model) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def write_report(report: Report, scores: Scores, folder: Path) -> None:
+    from .measure.report import markdown, plot_importance
+
+    report.write(folder)
+    plot_importance(scores, report.plan, folder / "importance.png")
+    (folder / "report.md").write_text(markdown(report))
+
+
+def _manifest(folder: Path, recipe: Recipe, loaded, variants: dict[str, Path], report: Report) -> None:
+    from .rundir import sha256_json, write_manifest
+
+    write_manifest(folder, {"name": recipe.name, "recipe_sha256": sha256_json(recipe.resolved()),
+                            "source_model": {"description": loaded.description, "sha256": loaded.source_sha256},
+                            "variants": {name: str(path.relative_to(folder)) for name, path in variants.items()},
+                            "passed": report.passed})
+
+
+# ---------------------------------------------------------------- a finished run on other targets
+
+def check_run(run_dir: Path, targets: list, out: Path | None = None) -> Path:
+    """Validate the files a finished run folder ships on `targets`, judged against that run's pruned PyTorch
+    model and the host; writes targets.json and targets.md to a new folder (`out`, default beside the run).
+    variant_tolerances may name variants this run lacks: one targets file serves runs of several recipes."""
+    import json
+
+    from .config.loading import load_recipe
+    from .measure.judge import check_targets
+    from .measure.report import gates_section, targets_section
+    from .measure.validate import prepare_eval_data, write_runner_inputs
+    from .model.loading import load_hf_folder
+    from .rundir import new_run_path, staged_folder
+
+    run_dir = Path(run_dir)
+    if path_problem(run_dir / "manifest.json"):
+        raise SlimformerError(f"{run_dir} is not a finished run folder (no manifest.json); pass a folder that "
+                              "`slimformer run` wrote, e.g. runs/smollm2-135m-<time>")
+    problems = target_problems(targets) + unready_targets(targets)
+    if problems:
+        raise RecipeError(problems)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    variants = {name: run_dir / rel for name, rel in manifest["variants"].items()}
+    final = Path(out) if out is not None else new_run_path(run_dir.parent, f"{run_dir.name}-targets")
+    with staged_folder(final) as tmp, console.capture(tmp / "targets.log"):
+        pruned, tokenizer = load_hf_folder(run_dir / "hf")
+        data = prepare_eval_data(tokenizer, recipe.validate_)
+        inputs = tmp / "eval_inputs.npz"
+        reference = write_runner_inputs(inputs, pruned, data, recipe.validate_.parity_decode_steps, mc=False)
+        rows, gates = check_targets(targets, variants, inputs, reference, tmp / "work", recipe.validate_.latency)
+        result = TargetsReport(run=str(run_dir), rows=tuple(rows), gates=tuple(gates))
+        result.write(tmp)
+        lines = [f"# Targets for {run_dir.name}", "", f"**Verdict: {'PASSED' if result.passed else 'FAILED'}**",
+                 *targets_section(result.rows), *gates_section(result.gates)]
+        (tmp / "targets.md").write_text("\n".join(lines) + "\n")
+        shutil.rmtree(tmp / "work")
+    print((final / "targets.md").read_text())
+    failures = [g.failure() for g in result.gates if not g.passed]
+    if failures:
+        raise GateError(failures, str(final))
+    return final
