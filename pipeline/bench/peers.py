@@ -58,7 +58,7 @@ def peer_quantize(fp32: Path, out_dir: Path, int4: OnnxInt4Spec) -> dict[str, Pa
         path.parent.mkdir(parents=True, exist_ok=True)
     quantize_dynamic(fp32, out["int8"], per_channel=True, weight_type=QuantType.QUInt8,
                      extra_options={"MatMulConstBOnly": True})
-    config = DefaultWeightOnlyQuantConfig(block_size=int4.block_size, is_symmetric=int4.symmetric,
+    config = DefaultWeightOnlyQuantConfig(block_size=int4.block_size, is_symmetric=int4.form != "asymmetric",
                                           accuracy_level=int4.accuracy_level)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=config)
     quantizer.process()
@@ -71,10 +71,11 @@ def slimformer_files(recipe: Recipe, loaded, folder: Path) -> dict[str, Path]:
     else their defaults)."""
     scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
     pruned = drop(loaded.model, plan(scores, recipe.drop), loaded.tokenizer)
-    fp32 = export(pruned, loaded.tokenizer, folder / "fp32", recipe.export).path
+    fp32 = export(pruned, loaded.tokenizer, folder / "fp32", recipe.export)
     specs = [(_first(recipe, "onnx-int8") or OnnxInt8Spec(kind="onnx-int8")).model_copy(update={"name": "int8"}),
              (_first(recipe, "onnx-int4") or OnnxInt4Spec(kind="onnx-int4")).model_copy(update={"name": "int4"})]
-    return {"fp32": fp32, **quantize(fp32, specs, folder)}
+    return {"fp32": fp32.path, **quantize(fp32, specs, folder, pruned, loaded, recipe.calibration,
+                                          recipe.export.opset)}
 
 
 def _first(recipe: Recipe, kind: str):
