@@ -90,6 +90,14 @@ def _cmd_peers(args) -> int:
     return 0
 
 
+def _cmd_quant_sweep(args) -> int:
+    from .bench.quant_sweep import quant_sweep
+    from .config.loading import load_recipe
+
+    quant_sweep(load_recipe(args.recipe), out=args.out)
+    return 0
+
+
 def _cmd_targets(args) -> int:
     from .config.loading import load_targets
     from .stages import check_run
@@ -135,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("recipe", help="recipe whose drop, int8/int4 variants and validation data are compared")
     c.add_argument("--out", default=None, help="also write the rows as JSON here")
     c.set_defaults(func=_cmd_peers)
+    q = sub.add_parser("quant-sweep", help="4-bit quantisers side by side (source GGUF blocks, rtn, hqq, gptq, "
+                       "mixed 4/8-bit) on the packaged weights and on off-grid weights: file MB, held-out perplexity")
+    q.add_argument("recipe", help="recipe whose model, drop, calibration and held-out data are used")
+    q.add_argument("--out", default=None, help="also write the rows as JSON here")
+    q.set_defaults(func=_cmd_quant_sweep)
     t = sub.add_parser("targets", help="validate a finished run folder's files on other targets "
                        "(emulated ARM cores, a device over SSH) and print the per-target table")
     t.add_argument("run_dir", help="a folder written by `slimformer run`, e.g. runs/smollm2-135m-<time>")
