@@ -216,16 +216,20 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32
     h += damp * np.mean(np.diag(h)) * np.eye(k)
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
     grids, codes = [], np.zeros((n, k), np.uint8)
-    for start in range(0, k, block_size):
-        scale, zero, offset = _grid(w[:, None, start:start + block_size], bits, form)
+    for start in range(0, k, block_size):  # lazy batches: the errors of a block reach later columns in one matmul
+        stop = start + block_size
+        block, errors = w[:, start:stop].copy(), np.zeros((n, block_size))
+        scale, zero, offset = _grid(block[:, None, :], bits, form)
         grids.append((scale, zero, offset))
         zeros = np.full(scale.shape, 2 ** (bits - 1)) if zero is None else zero
-        for j in range(start, start + block_size):
-            shifted = w[:, j] - (0 if offset is None else offset[:, 0])
-            q = _codes(np.divide(shifted, scale[:, 0], out=np.zeros(n), where=scale[:, 0] != 0) + zeros[:, 0], bits)
-            codes[:, j] = q
-            done = scale[:, 0] * (q - zeros[:, 0]) + (0 if offset is None else offset[:, 0])
-            w[:, j + 1:] -= np.outer((w[:, j] - done) / u[j, j], u[j, j + 1:])
+        shift = 0 if offset is None else offset[:, 0]
+        for j in range(block_size):
+            q = _codes(np.divide(block[:, j] - shift, scale[:, 0], out=np.zeros(n), where=scale[:, 0] != 0)
+                       + zeros[:, 0], bits)
+            codes[:, start + j] = q
+            errors[:, j] = (block[:, j] - (scale[:, 0] * (q - zeros[:, 0]) + shift)) / u[start + j, start + j]
+            block[:, j + 1:] -= np.outer(errors[:, j], u[start + j, start + j + 1:stop])
+        w[:, stop:] -= errors @ u[start:stop, stop:]
     scale = np.concatenate([g[0] for g in grids], 1)
     zero = None if grids[0][1] is None else np.concatenate([g[1] for g in grids], 1).astype(np.uint8)
     offset = None if grids[0][2] is None else np.concatenate([g[2] for g in grids], 1)
