@@ -94,10 +94,14 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_nightly(args) -> int:
+    from pathlib import Path
+
     from .config.nightly import load_nightly
     from .nightly import nightly
 
-    return nightly(load_nightly(args.nightly), use_cache=not args.no_cache, ray=args.ray)
+    registry = args.registry if args.registry is None or args.registry.startswith("oci://") else \
+        str(Path(args.registry).absolute())
+    return nightly(load_nightly(args.nightly, registry), use_cache=not args.no_cache, ray=args.ray)
 
 
 def _cmd_heal_sweep(args) -> int:
@@ -211,6 +215,8 @@ def _registry_commands(sub) -> None:
                        "with the tagged version side by side, publish and move the tag only within the limits")
     n.add_argument("nightly", help="nightly YAML file, e.g. recipes/nightly.yaml")
     n.add_argument("--no-cache", action="store_true", help="recompute every stage (the cache is refreshed)")
+    n.add_argument("--registry", default=None, help="use this registry instead of the file's (e.g. in CI: "
+                   "oci://ghcr.io/OWNER/models)")
     _ray_option(n, "recipe")
     n.set_defaults(func=_cmd_nightly)
 

@@ -67,16 +67,16 @@ class NightlySpec(Block):
         return recipes
 
 
-def load_nightly(path: str | Path) -> NightlySpec:
-    """The nightly file, typed, with paths resolved; every recipe it names loaded and checked (names distinct)."""
-    path = Path(path)
+def load_nightly(path: str | Path, registry: str | None = None) -> NightlySpec:
+    """The nightly file, typed, with paths resolved; every recipe it names loaded and checked (names distinct).
+    `registry` replaces the file's (a relative folder is then relative to the working folder)."""
+    path = Path(path).absolute()  # absolute paths: Ray workers and later runs may have another working folder
     data = _read_yaml_file(path)
     if not isinstance(data, dict):
         raise RecipeError(["expected a mapping with recipes, registry, tag, limits"], str(path))
-    data = dict(data)
-    for key in ("recipes",):
-        if isinstance(data.get(key), list):
-            data[key] = [resolve_path(p, path.parent) if isinstance(p, str) else p for p in data[key]]
+    data = dict(data, **({"registry": registry} if registry else {}))
+    if isinstance(data.get("recipes"), list):
+        data["recipes"] = [resolve_path(p, path.parent) if isinstance(p, str) else p for p in data["recipes"]]
     for key in ("out", "registry"):
         if isinstance(data.get(key), str) and not data[key].startswith("oci://"):
             data[key] = resolve_path(data[key], path.parent)
