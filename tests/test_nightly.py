@@ -4,6 +4,7 @@ two-recipe night on a local Ray instance where one recipe fails; the stage cache
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def test_two_recipe_nightly_on_local_ray_publishes_one_and_reports_the_failed_on
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         assert main(["nightly", str(nightly), "--ray"]) == 5
+        _fan_out_contract(ray)
     finally:
         ray.shutdown()
     err = capsys.readouterr().err
@@ -96,6 +98,26 @@ def test_two_recipe_nightly_on_local_ray_publishes_one_and_reports_the_failed_on
     assert [v.version for v in _versions(root / "registry", "tiny")] == [night.recipes[0].version]
     assert _versions(root / "registry", "tiny-strict") == []
     assert "## tiny-strict (" in (root / "nightly" / "summary.md").read_text()
+
+
+def _fan_out_contract(ray) -> None:
+    """On the running instance: results in job order, each task holding the CPUs it declared; a task whose
+    worker dies gives on_error's result; an exception raised by the function comes back as itself."""
+    from pipeline.fanout import fan_out
+
+    def cpus_held(i):
+        return i, ray.get_runtime_context().get_assigned_resources().get("CPU")
+
+    def dies(i):
+        os._exit(1)
+
+    def refuses(i):
+        raise ValueError(f"job {i} refused")
+
+    assert fan_out(cpus_held, [(i,) for i in range(3)], ray="local", cpus=1) == [(0, 1.0), (1, 1.0), (2, 1.0)]
+    assert fan_out(dies, [(7,)], ray="local", on_error=lambda job, e: ("lost", job)) == [("lost", (7,))]
+    with pytest.raises(ValueError, match="job 3 refused"):
+        fan_out(refuses, [(3,)], ray="local")
 
 
 def test_a_broken_recipe_in_the_nightly_file_stops_the_night_before_any_work(tiny_project, capsys):

@@ -79,12 +79,13 @@ def nightly(spec, use_cache: bool = True, ray: str | None = None) -> int:
     from ..config.paths import home
     from ..fanout import fan_out
     from ..registry import open_store
-    from ..registry.layout import check_name
+    from ..registry.layout import check_name, check_tag
     from ..stagecache import StageCache
     from .report import write_night
 
     start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     names = [check_name(load_recipe(p).name) for p in spec.recipes]
+    check_tag(spec.tag)
     open_store(spec.registry)  # unreachable registry or refused credentials: fail before hours of work
     jobs = [(str(p), spec, use_cache) for p in spec.recipes]
 
