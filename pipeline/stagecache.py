@@ -90,6 +90,17 @@ class StageCache:
         return removed
 
 
+def accuracy_folder(cache: StageCache | None) -> Path | None:
+    """Where `validate` keeps the variants' accuracy (its own atomic entries, keyed by file and tokens)."""
+    return cache.root / "accuracy" if cache is not None and cache.reuse else None
+
+
+def reused(cache: StageCache | None, validation) -> tuple[str, ...]:
+    """What this run took from the cache: stages, then variants whose accuracy was not scored again."""
+    return (*(cache.hits if cache else ()), *(f"accuracy of {name}" for name, m in validation.models.items()
+                                             if name != "original" and m.accuracy_cached))
+
+
 def cached(cache: StageCache | None, stage: str, key, folder: Path, build, kind):
     """build() through `cache` when there is one. `key` is a dict, or a function returning one (so that hashing
     the inputs costs nothing without a cache)."""

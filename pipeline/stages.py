@@ -271,8 +271,9 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
     with stage("load model", timings):
         loaded = load(recipe)
     with stage("score", timings):
-        scores = sc.cached(cache, "score", lambda: sc.score_key(recipe, loaded.source_sha256), tmp,
-                           lambda: score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description), Scores)
+        scores = sc.cached(
+            cache, "score", lambda: sc.score_key(recipe, loaded.source_sha256), tmp,
+            lambda: score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description), Scores)
         scores.write(tmp)
     with stage("plan", timings):
         drop_plan = plan(scores, recipe.drop)
@@ -302,14 +303,12 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
         work.mkdir()
         params = {"original": _params_m(loaded.model), "compressed": _params_m(pruned)}
         validation = validate(original_onnx, variants, params, pruned, data, recipe.validate_, work,
-                              original_onnx.parent, cache.root / "accuracy" if cache and cache.reuse else None)
+                              original_onnx.parent, sc.accuracy_folder(cache))
         shutil.rmtree(work)
     with stage("report", timings):
-        reused = [*(cache.hits if cache else ()), *(f"accuracy of {name}" for name, m in validation.models.items()
-                                                    if name != "original" and m.accuracy_cached)]
         report = Report(name=recipe.name, plan=drop_plan, heal=healing, validation=validation, packages=packages,
                         stage_seconds=dict(timings), wall_seconds=round(time.perf_counter() - start, 1),
-                        cached_stages=tuple(reused))
+                        cached_stages=sc.reused(cache, validation))
         write_report(report, scores, tmp)
         _manifest(tmp, recipe, loaded, variants, report)
     return report

@@ -171,7 +171,8 @@ def validate(original_onnx: Path, variants: dict[str, Path], params_m: dict[str,
             measured[tag] = accuracy(path, inputs, workdir, spec.latency, tag)
         else:
             measured[tag] = cached_accuracy(path, inputs, workdir, spec.latency, accuracy_cache,
-                                            {**key, "file": model_sha256(path)}, tag, keep_trace=True)
+                                            {**key, "file": model_sha256(path), "trace_steps": spec.parity_decode_steps},
+                                            tag, keep_trace=True)
     timing = interleaved_latency({"original": original_onnx, **variants}, spec.latency, workdir)
     models, parity, gates = {}, {}, []
     for tag, path in {"original": original_onnx, **variants}.items():

@@ -8,6 +8,7 @@ every variant's key figures; its config blob is the `PublishedVersion` record. N
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -167,8 +168,6 @@ def describe_version(run_dir: Path, layers: list[Layer], manifest: dict) -> Publ
 
 def image_manifest(info: PublishedVersion, layers: list[Layer], config: bytes) -> dict:
     """The OCI image manifest of a version. Annotation values are strings: structured ones are JSON."""
-    import hashlib
-
     notes = {TITLE: info.name, "org.opencontainers.image.version": info.version,
              "org.opencontainers.image.created": info.created_utc, PREFIX + "recipe.sha256": info.recipe_sha256,
              PREFIX + "source.sha256": info.source_sha256, PREFIX + "source": info.source_model,

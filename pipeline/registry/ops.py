@@ -9,6 +9,7 @@ renamed to the destination only when every file matched its sha256.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -118,8 +119,6 @@ def _match_run_manifest(folder: Path, layers) -> None:
 
 def versions(store, name: str) -> list[PublishedVersion]:
     """Every version of `name`, oldest first, each with the moving tags that point at it now."""
-    import dataclasses
-
     check_name(name)
     tags = store.tags(name)
     pointing = {}
