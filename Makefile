@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 RECIPE ?= recipes/smollm2-135m.yaml
 STAMP  := $(VENV)/.installed
 
+NIGHTLY ?= recipes/nightly.yaml
 ARM_TARGETS ?= recipes/targets-arm.yaml
 # The run folder `validate-arm` checks: RUN=runs/<folder>, else the newest default-recipe run (made if none).
 RUN ?= $(shell ls -d runs/smollm2-135m-2*/ 2>/dev/null | grep -v -- -targets- | tail -n 1)
 
-.PHONY: setup assets compress test test-slow bench bench-sweep bench-peers bench-heal bench-quant docs schema arm-root validate-arm clean
+.PHONY: setup assets compress nightly test test-slow bench bench-sweep bench-peers bench-heal bench-quant docs schema arm-root validate-arm clean
 
 setup: $(STAMP)
 
@@ -23,6 +24,11 @@ assets: setup
 
 compress: assets
 	$(BIN)/slimformer run $(RECIPE)
+
+# The recipes of $(NIGHTLY) through the stage cache, compared with the version tagged `nightly` in registry/,
+# published only within the file's regression limits; report in runs/nightly/ (docs/registry.md).
+nightly: assets
+	$(BIN)/slimformer nightly $(NIGHTLY) $(NIGHTLY_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -281,8 +281,10 @@ def package(variants: dict[str, Path], pruned, tokenizer, spec: ExportSpec, fold
 
 # ---------------------------------------------------------------- the run
 
-def run(recipe: Recipe) -> Path:
-    """Run every stage; return the finished run folder. Raises GateError (after writing) if a gate fails."""
+def run(recipe: Recipe, cache=None) -> Path:
+    """Run every stage; return the finished run folder. Raises GateError (after writing) if a gate fails.
+    With a `pipeline.stagecache.StageCache`, score, export, quantize, package and the variants' accuracy are
+    reused when their inputs are unchanged."""
     from .rundir import new_run_path, staged_folder
 
     start, timings = time.perf_counter(), {}
@@ -293,7 +295,7 @@ def run(recipe: Recipe) -> Path:
         log = tmp / "run.log"
         try:
             with console.capture(log):
-                report = _stages(recipe, info, tmp, timings, start)
+                report = _stages(recipe, info, tmp, timings, start, cache)
         except Exception:  # a failure, not Ctrl-C or a kill: keep the library output that may explain it
             if log.is_file():
                 failed = final.with_name(final.name + ".failed.log")
@@ -308,14 +310,17 @@ def run(recipe: Recipe) -> Path:
     return final
 
 
-def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: float) -> Report:
+def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: float, cache=None) -> Report:
+    from . import stagecache as sc
     from .measure.validate import prepare_eval_data, validate
 
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     with stage("load model", timings):
         loaded = load(recipe)
     with stage("score", timings):
-        scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
+        scores = sc.cached(
+            cache, "score", lambda: sc.score_key(recipe, loaded.source_sha256), tmp,
+            lambda: score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description), Scores)
         scores.write(tmp)
     with stage("plan", timings):
         drop_plan = plan(scores, recipe.drop)
@@ -330,23 +335,28 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
         with stage("heal", timings):
             pruned, healing = heal(pruned, loaded.model, loaded.tokenizer, recipe, data, tmp)
     with stage("export", timings):
-        exported = export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export)
+        exported = sc.cached(cache, "export", lambda: sc.export_key(recipe, loaded.source_sha256, tmp), tmp,
+                             lambda: export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export), OnnxExport)
         original_onnx = baseline_onnx(loaded, recipe.export)
     with stage("quantize", timings):
-        variants = {"compressed": exported.path, **quantize(exported, recipe.quantize, tmp, pruned, loaded,
-                                                            recipe.calibration, recipe.export.opset)}
+        variants = {"compressed": exported.path, **sc.cached(
+            cache, "quantize", lambda: sc.quantize_key(recipe, loaded.source_sha256, tmp), tmp,
+            lambda: quantize(exported, recipe.quantize, tmp, pruned, loaded, recipe.calibration, recipe.export.opset),
+            dict[str, Path])}
     with stage("package", timings):
-        packages = package(variants, pruned, loaded.tokenizer, recipe.export, tmp)
+        packages = sc.cached(cache, "package", lambda: sc.package_key(recipe, loaded.source_sha256, tmp, variants),
+                             tmp, lambda: package(variants, pruned, loaded.tokenizer, recipe.export, tmp), Packages)
     with stage("validate", timings):
         work = tmp / "validation"
         work.mkdir()
         params = {"original": _params_m(loaded.model), "compressed": _params_m(pruned)}
         validation = validate(original_onnx, variants, params, pruned, data, recipe.validate_, work,
-                              original_onnx.parent)
+                              original_onnx.parent, sc.accuracy_folder(cache))
         shutil.rmtree(work)
     with stage("report", timings):
         report = Report(name=recipe.name, plan=drop_plan, heal=healing, validation=validation, packages=packages,
-                        stage_seconds=dict(timings), wall_seconds=round(time.perf_counter() - start, 1))
+                        stage_seconds=dict(timings), wall_seconds=round(time.perf_counter() - start, 1),
+                        cached_stages=sc.reused(cache, validation))
         write_report(report, scores, tmp)
         _manifest(tmp, recipe, loaded, variants, report)
     return report
