@@ -85,6 +85,11 @@ class Scores(Artifact):
     attention: tuple[float, ...]
     mlp: tuple[float, ...]
     block: tuple[float, ...]
+    # Measured when the recipe asks for windows (pipeline.model.window.measure_windows): per layer, the KL of the
+    # next-token distribution when it alone is windowed to window_size with its fitted per-head sinks.
+    window_kl: tuple[float, ...] = ()
+    window_sinks: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    window_size: int = 0
     filename: ClassVar[str] = "scores.json"
 
     @property
@@ -101,6 +106,9 @@ class DropPlan(Artifact):
     mlp: tuple[int, ...]
     num_layers: int
     order: tuple[tuple[str, int, float], ...] = ()  # (kind, layer, score), in drop order
+    window: tuple[int, ...] = ()  # kept attention layers converted to sliding-window attention
+    window_size: int = 0
+    window_sinks: dict[int, tuple[float, ...]] = field(default_factory=dict)  # layer -> sink logit per head
     filename: ClassVar[str] = "plan.json"
 
     @property
@@ -252,6 +260,7 @@ class ModelFigures(Artifact):
     onnxruntime: str
     params_m: float
     accuracy_cached: bool = False  # perplexity and accuracy read from the baseline cache, not re-scored
+    kv_bytes_at: dict[int, int] = field(default_factory=dict)  # context -> KV bytes held (pipeline.measure.kv)
 
 
 @dataclass(frozen=True)

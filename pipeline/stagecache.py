@@ -116,7 +116,8 @@ def score_key(recipe, source_sha256: str) -> dict:
     return {"source": source_sha256, "model": recipe.model.model_dump(mode="json", exclude={"path"}),
             "calibration": cal.model_dump(mode="json", exclude={"files"}),
             "calibration_files": None if cal.files is None else [sha256_file(f) for f in cal.files],
-            "score": recipe.score.model_dump(mode="json")}
+            "score": recipe.score.model_dump(mode="json"),
+            "window": recipe.drop.window.model_dump(mode="json") if recipe.drop.window else None}
 
 
 def export_key(recipe, source_sha256: str, folder: Path) -> dict:

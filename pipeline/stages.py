@@ -21,7 +21,7 @@ import yaml
 from . import console
 from .artifacts import DropPlan, HealSummary, ModelInfo, OnnxExport, Packages, Report, Scores, TargetsReport
 from .config.checks import model_problems, path_problem, recipe_problems, target_problems, unready_targets
-from .config.recipe import CalibrationSpec, DropSpec, ExportSpec, Recipe
+from .config.recipe import CalibrationSpec, DropSpec, ExportSpec, Recipe, WindowSpec
 from .errors import DataError, GateError, ModelError, RecipeError, SlimformerError
 
 STAGES = ("check", "load model", "score", "plan", "drop", "heal", "export", "quantize", "package", "validate",
@@ -112,23 +112,45 @@ def prepare(recipe: Recipe, timings: dict | None = None) -> Prepared:
 
 # ---------------------------------------------------------------- model stages
 
-def score(model, tokenizer, spec: CalibrationSpec, name: str) -> Scores:
+WINDOW_SAMPLES = 4  # calibration windows of twice the window size that fit the sinks and rank the layers
+
+
+def score(model, tokenizer, spec: CalibrationSpec, name: str, window: WindowSpec | None = None) -> Scores:
+    """Importance of every sublayer; with a window, each layer's cost when windowed and its fitted sinks."""
+    import dataclasses
+
     from .model.scoring import score_model
 
-    return score_model(model, calibration_windows(tokenizer, spec), batch_size=spec.batch_size, name=name)
+    scores = score_model(model, calibration_windows(tokenizer, spec), batch_size=spec.batch_size, name=name)
+    if window is None:
+        return scores
+    from .model.corpus import calibration_texts, token_windows
+    from .model.window import measure_windows
+
+    long = token_windows(tokenizer, calibration_texts(spec.files), WINDOW_SAMPLES,
+                         min(2 * window.size, model.config.max_position_embeddings))
+    kl, sinks = measure_windows(model, long, window.size)
+    return dataclasses.replace(scores, window_kl=tuple(kl), window_size=window.size,
+                               window_sinks={i: tuple(s) for i, s in sinks.items()})
 
 
 def plan(scores: Scores, spec: DropSpec) -> DropPlan:
-    from .model.plan import plan_drop
+    from .model.plan import plan_drop, plan_window
 
-    return plan_drop(scores, joint=spec.joint, attention=spec.attention, mlp=spec.mlp, blocks=spec.blocks)
+    drop_plan = plan_drop(scores, joint=spec.joint, attention=spec.attention, mlp=spec.mlp, blocks=spec.blocks)
+    if spec.window is None:
+        return drop_plan
+    return plan_window(scores, drop_plan, spec.window.layers, spec.window.size)
 
 
 def drop(model, drop_plan: DropPlan, tokenizer, folder: Path | None = None):
     """The pruned model (a new object); also saved as a Hugging Face folder that reloads identically."""
     from .model.prune import drop_sublayers
+    from .model.window import set_windows_inplace
 
     pruned = drop_sublayers(model, list(drop_plan.attention), list(drop_plan.mlp))
+    if drop_plan.window:
+        set_windows_inplace(pruned, list(drop_plan.window), drop_plan.window_size, drop_plan.window_sinks)
     if folder is not None:
         pruned.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -320,7 +342,8 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
     with stage("score", timings):
         scores = sc.cached(
             cache, "score", lambda: sc.score_key(recipe, loaded.source_sha256), tmp,
-            lambda: score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description), Scores)
+            lambda: score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description, recipe.drop.window),
+            Scores)
         scores.write(tmp)
     with stage("plan", timings):
         drop_plan = plan(scores, recipe.drop)

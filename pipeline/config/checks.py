@@ -134,6 +134,22 @@ def _drop_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
         if getattr(d, kind) > limit:
             problems.append(f"drop.{kind}: {getattr(d, kind)} requested but the model has only {limit + 1} {what} "
                             f"and at least one must stay; use at most {limit}")
+    window = d.window
+    if window is not None:
+        if isinstance(window.layers, int) and window.layers > n:
+            problems.append(f"drop.window.layers: {window.layers} requested but the model has {n} attention layers")
+        if isinstance(window.layers, list) and max(window.layers) >= n:
+            problems.append(f"drop.window.layers: layer {max(window.layers)} does not exist in a {n}-layer model; "
+                            f"use indices 0 to {n - 1}")
+        if window.size >= info.max_position_embeddings:
+            problems.append(f"drop.window.size: {window.size} is not below the model's context "
+                            f"({info.max_position_embeddings}), so no layer would attend to fewer tokens")
+        if recipe.export.graph != "fused":
+            problems.append("drop.window: only the fused graph carries windows and sinks "
+                            f"(export.graph is {recipe.export.graph!r}); set export.graph: fused")
+        if recipe.export.coreml is not None:
+            problems.append("drop.window: Core ML packages do not carry sliding windows; remove export.coreml "
+                            "or drop.window")
     return problems
 
 

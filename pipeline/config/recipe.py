@@ -45,11 +45,31 @@ class ScoreSpec(Block):
         "cosine", description="Importance S = 1 - cos(X, X + f(Norm(X))), mean over calibration tokens.")
 
 
+class WindowSpec(Block):
+    """Sliding-window attention for chosen layers: each attends to its last `size` tokens (itself included)."""
+
+    layers: int | list[int] = Field(
+        ..., description="How many kept attention sublayers to convert, those whose attention falls least beyond "
+        "`size` tokens on calibration text (measured once, in scores.json), or the layer indices themselves.")
+    size: int = Field(..., ge=16, description="Tokens each converted layer attends to. onnxruntime-genai keeps a "
+                      "window-sized KV cache for these layers.")
+
+    @model_validator(mode="after")
+    def _distinct_layers(self):
+        if isinstance(self.layers, list) and (len(set(self.layers)) < len(self.layers) or min(self.layers, default=0) < 0):
+            raise ValueError("layers must be distinct, non-negative layer indices (or a count)")
+        if isinstance(self.layers, int) and self.layers < 1:
+            raise ValueError("layers must be at least 1 (or a list of layer indices); remove window to convert none")
+        return self
+
+
 class DropSpec(Block):
     joint: int = Field(0, ge=0, description="Drop the N least important sublayers, attention and MLP ranked together.")
     attention: int = Field(0, ge=0, description="Drop the N least important attention sublayers (and their KV cache).")
     mlp: int = Field(0, ge=0, description="Drop the N least important MLP sublayers.")
     blocks: int = Field(0, ge=0, description="Drop the N least important whole blocks (attention and MLP).")
+    window: WindowSpec | None = Field(None, description="Convert kept attention sublayers to sliding-window "
+                                      "attention over their last `size` tokens, so their KV cache stops growing.")
 
     @model_validator(mode="after")
     def _one_method(self):

@@ -22,6 +22,7 @@ from ..artifacts import OnnxExport
 from ..errors import ExportError
 from ..model.adapters import adapter_for, get_path
 from ..model.groups import linear_groups
+from ..model.window import sink_of, window_of
 from .weights import BlockQuant
 
 ONNX_NAME = "model.onnx"
@@ -169,12 +170,15 @@ class _Writer:
         heads, kv_heads = projections[0].out_features // dim, projections[1].out_features // dim
         qkv = self._linear(x, f"layers.{index}.qkv")
         cos, sin = self._rotary()
-        window = getattr(attn, "sliding_window", None)
+        window = window_of(attn)
         q_k_v = [qkv, "", ""]
         if ad.q_norm is not None:  # per-head RMSNorm of queries and keys before rotary (the CPU kernel has none)
             q_k_v = self._qk_norm(attn, qkv, index, heads, kv_heads, dim)
-        out, _, _ = g.op("GroupQueryAttention", [*q_k_v, f"past_key_values.{slot}.key",
-                                                 f"past_key_values.{slot}.value", *self.mask, cos, sin],
+        inputs = [*q_k_v, f"past_key_values.{slot}.key", f"past_key_values.{slot}.value", *self.mask, cos, sin]
+        sink = sink_of(attn)
+        if sink is not None:  # inputs 9 and 10 (position ids, attention bias) unused; 11 is the per-head sink
+            inputs += ["", "", g.const(f"layers.{index}.head_sink", sink)]
+        out, _, _ = g.op("GroupQueryAttention", inputs,
                          [f"/layers.{index}/attn", f"present.{slot}.key", f"present.{slot}.value"],
                          domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, do_rotary=1,
                          rotary_interleaved=0, scale=float(attn.scaling),

@@ -20,6 +20,10 @@ from typing import Literal
 from ..artifacts import OrtFormat, OrtParity
 from ..errors import ExportError
 
+# Positions beyond the window in genai's KV ring for windowed layers (decoder.sliding_window.cache_slack): with
+# 0 genai doubles the ring to 2W; 1 keeps W + 1 and generates the same tokens.
+RING_SLACK = 1
+
 TOOL_TIMEOUT_S = 1800
 GENAI_CONFIG = "genai_config.json"
 _VERDICT = re.compile(r"Model should perform well with (.+?) (as is|if modified to have fixed input shapes): (\w+)")
@@ -146,11 +150,46 @@ def write_genai_folder(onnx_path: Path, model_config, tokenizer, out_dir: Path) 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     config = genai_config(graph, model_config, tokenizer, onnx_path.name)
     tokenizer.save_pretrained(out_dir)
-    for src in (onnx_path, onnx_path.with_name(onnx_path.name + "_data")):
-        if src.exists():
-            _link_or_copy(src, out_dir / src.name)
+    windows = _windowed_slots(graph)
+    if windows:  # a copy whose windowed layers keep window-sized KV buffers in genai
+        from .onnx import save_onnx
+
+        model = onnx.load(str(onnx_path))
+        for node in model.graph.node:
+            if node.op_type == "GroupQueryAttention" and _slot(node) in windows:
+                node.attribute.append(onnx.helper.make_attribute("sliding_window_cache", 1))
+        save_onnx(model, out_dir / onnx_path.name)
+        config["model"]["decoder"]["sliding_window"] = {
+            "window_size": next(iter(set(windows.values()))), "layers": sorted(windows),
+            "slide_key_value_cache": False, "slide_inputs": False, "cache_slack": RING_SLACK}
+    else:
+        for src in (onnx_path, onnx_path.with_name(onnx_path.name + "_data")):
+            if src.exists():
+                _link_or_copy(src, out_dir / src.name)
     (out_dir / GENAI_CONFIG).write_text(json.dumps(config, indent=4))
     return out_dir
+
+
+def _slot(node) -> int:
+    """The KV slot a GroupQueryAttention node reads (from its past_key input's name)."""
+    return int(_PAST.match(node.input[3])[1])
+
+
+def _windowed_slots(graph) -> dict[int, int]:
+    """KV slot -> window size of every GroupQueryAttention node with a local window. onnxruntime-genai takes
+    one window size for all of them."""
+    from onnx import helper
+
+    windows = {}
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            size = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "local_window_size"), -1)
+            if size > 0:
+                windows[_slot(node)] = size
+    if len(set(windows.values())) > 1:
+        raise ExportError(f"onnxruntime-genai keeps one sliding-window size, but this graph has several "
+                          f"({sorted(set(windows.values()))}); convert every windowed layer to one size")
+    return windows
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts import DropPlan, Gate, HealSummary, ModelFigures, Packages, Report, Scores, TargetRow
+from ..export.mobile import RING_SLACK
 
 
 def plot_importance(scores: Scores, plan: DropPlan | None, path: Path) -> Path:
@@ -120,6 +121,23 @@ def gates_section(gates: tuple[Gate, ...]) -> list[str]:
         f"measured {g.value:.4g}, limit {g.limit:.4g}" for g in gates] or ["No gates set in the recipe."])
 
 
+def kv_section(validation, plan: DropPlan) -> list[str]:
+    """KV cache held at several context lengths, original vs compressed (windowed layers hold a ring)."""
+    orig, comp = validation.models["original"], validation.models["compressed"]
+    if not orig.kv_bytes_at or not comp.kv_bytes_at:
+        return []
+    lines = ["", "## KV cache at context length", ""]
+    if plan.window:
+        lines += [f"Layers {list(plan.window)} attend to their last {plan.window_size} tokens (sliding window); "
+                  f"onnxruntime-genai keeps a {plan.window_size + RING_SLACK}-position ring buffer for each"
+                  + (", with a learned per-head attention sink." if plan.window_sinks else "."), ""]
+    lines += ["| context (tokens) | original MB | compressed MB | compressed / original |", "|---:|---:|---:|---:|"]
+    for context, before in sorted(orig.kv_bytes_at.items()):
+        after = comp.kv_bytes_at[context]
+        lines.append(f"| {context} | {before / 1e6:.1f} | {after / 1e6:.1f} | {after / before:.3f}x |")
+    return lines
+
+
 def heal_section(healing: HealSummary | None, original: ModelFigures) -> list[str]:
     """Before/after healing (PyTorch, the run's held-out data), with the training budget and the curve."""
     if healing is None:
@@ -152,6 +170,7 @@ def markdown(report: Report) -> str:
     for label, key, fmt in _ROWS:
         a, b = getattr(orig, key), getattr(comp, key)
         lines.append(f"| {label} | {_fmt(fmt, a)} | {_fmt(fmt, b)} | {_ratio(a, b)} |")
+    lines += kv_section(validation, plan)
     lines += heal_section(report.heal, orig)
     if len(validation.models) > 2:
         lines += _variants_table(validation.models)

@@ -23,6 +23,7 @@ from ..config.recipe import LatencySpec, ValidateSpec
 from ..errors import SlimformerError
 from ..rundir import sha256_json, staged_folder
 from .judge import check_targets, variant_gates
+from .kv import kv_bytes_at
 from .reference import compare_traces
 
 RUNNER_TIMEOUT_S = 3600
@@ -183,7 +184,7 @@ def validate(original_onnx: Path, variants: dict[str, Path], params_m: dict[str,
             prefill_ms=lat["prefill_ms"], decode_p50_ms=lat["decode_ms_p50"], decode_p90_ms=lat["decode_ms_p90"],
             peak_rss_mb=lat["peak_rss_mb"], onnxruntime=acc["onnxruntime"],
             params_m=params_m["original" if tag == "original" else "compressed"],
-            accuracy_cached=bool(acc.get("cached")))
+            accuracy_cached=bool(acc.get("cached")), kv_bytes_at=kv_bytes_at(Path(path)))
         if tag != "original":
             parity[tag] = compare_traces(reference, acc["trace"])
             gates += variant_gates(spec.gates_for(tag), models["original"], models[tag], parity[tag], tag)

@@ -196,6 +196,7 @@ def load_hf_folder(folder: Path):
 
     from .adapters import adapter_for
     from .prune import restore_structure_inplace
+    from .window import restore_windows_inplace
 
     folder = Path(folder)
     _safetensors(folder)
@@ -209,6 +210,7 @@ def load_hf_folder(folder: Path):
             folder, config=config, dtype="float32", use_safetensors=True, trust_remote_code=False,
             output_loading_info=True)
     restore_structure_inplace(model)
+    restore_windows_inplace(model)
     present = set(model.state_dict())
     missing = [k for k in info["missing_keys"] if k in present]
     if missing:

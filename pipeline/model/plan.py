@@ -5,6 +5,8 @@ No torch here, so every rule (ranking, ties, limits) is tested with plain number
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..artifacts import DropPlan, Scores
 from ..errors import RecipeError
 
@@ -41,3 +43,25 @@ def plan_drop(scores: Scores, joint: int = 0, attention: int = 0, mlp: int = 0, 
 def kv_bytes_per_token(attention_layers: int, kv_heads: int, head_dim: int, bytes_per_value: int = 4) -> int:
     """KV cache bytes for one token at batch 1: a key and a value per kept attention layer."""
     return 2 * attention_layers * kv_heads * head_dim * bytes_per_value
+
+
+def plan_window(scores: Scores, drop: DropPlan, layers: int | list[int], size: int) -> DropPlan:
+    """`drop` with the layers to convert to sliding-window attention and their fitted sinks: the given indices,
+    or the `layers` kept attention sublayers whose windowing changes the model least (scores.window_kl);
+    ties go to the deeper layer."""
+    kept = [i for i in range(drop.num_layers) if i not in drop.attention]
+    if len(scores.window_kl) != drop.num_layers or scores.window_size != size:
+        raise ValueError(f"scores carry no window measurement for size {size}; score with the recipe's window")
+    if isinstance(layers, list):
+        gone = sorted(set(layers) - set(kept))
+        if gone:
+            raise RecipeError([f"drop.window.layers: layers {gone} have no attention after the drop "
+                               f"({list(drop.attention)}); name kept layers or give a count"])
+        chosen = sorted(layers)
+    else:
+        if layers > len(kept):
+            raise RecipeError([f"drop.window.layers: {layers} requested but only {len(kept)} attention layers "
+                               "are kept after the drop"])
+        chosen = sorted(sorted(kept, key=lambda i: (scores.window_kl[i], -i))[:layers])
+    return replace(drop, window=tuple(chosen), window_size=size,
+                   window_sinks={i: tuple(scores.window_sinks[i]) for i in chosen if i in scores.window_sinks})
