@@ -130,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also heal on these texts (one column each), beside the calibration split")
     h.add_argument("--out", default=None, help="also write the rows as JSON here")
     h.set_defaults(func=_cmd_heal_sweep)
-    c = sub.add_parser("peers", help="what users run today (optimum + onnxruntime quantisation of the undropped "
-                       "model) vs the recipe's drop + quantisation: size, KV, perplexity, accuracy, decode ms/token")
-    c.add_argument("recipe", help="recipe whose drop, int8/int4 variants and validation data are compared")
+    c = sub.add_parser("peers", help="the recipe's fp32/int8/4-bit files against what users run today (optimum "
+                       "export, onnxruntime-genai's model builder, llama.cpp): size, decode and prefill time, "
+                       "held-out perplexity; builds the peers' environments once under the cache")
+    c.add_argument("recipe", help="recipe (packaged model) whose drop, int8/int4 variants and held-out data are used")
     c.add_argument("--out", default=None, help="also write the rows as JSON here")
     c.set_defaults(func=_cmd_peers)
     t = sub.add_parser("targets", help="validate a finished run folder's files on other targets "
