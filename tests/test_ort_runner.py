@@ -48,7 +48,8 @@ def _assert_parity(model, lm):
 
 def test_kv_layout(exported):
     _, lm = exported
-    assert (lm.kv_layers, lm.kv_heads, lm.head_dim, lm.kv_dtype) == (4, 2, 16, np.float32)
+    assert (lm.kv_layers, lm.kv_dtype, lm.takes_positions) == (4, np.float32, True)
+    assert set(lm.past_shapes.values()) == {(2, 16)} and len(lm.past_shapes) == 8
     assert kv_bytes_per_token(lm) == 2 * 4 * 2 * 16 * 4
     assert lm.empty_past(3)["past_key_values.0.key"].shape == (3, 2, 0, 16)
 

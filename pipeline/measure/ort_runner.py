@@ -1,9 +1,12 @@
 """Run an exported causal LM with onnxruntime: parity traces, perplexity, multiple choice, latency, RSS.
 
 Self-contained on purpose (standard library, numpy and onnxruntime only): this file is copied alone to
-ARM boards and remote machines and run there as `python ort_runner.py MODEL.onnx ...`. Graphs follow
-optimum's decoder layout: input_ids, attention_mask, position_ids, past_key_values.{i}.key/.value in,
-logits and present.{i}.key/.value out, with KV slots only for the attention layers that were kept.
+ARM boards and remote machines and run there as `python ort_runner.py MODEL.onnx ...`. Two decoder layouts:
+optimum's (input_ids, attention_mask, position_ids, past_key_values.{i}.key/.value in; logits and
+present.{i}.key/.value out) and the fused GroupQueryAttention layout of onnxruntime-genai's builder and
+slimformer's fused export (no position_ids: positions come from the attention mask, which must not be
+left-padded, so padded batches are run one row at a time). KV slots exist only for the layers that were kept,
+and each slot may have its own number of KV heads (head-pruned models).
 """
 
 from __future__ import annotations
@@ -38,19 +41,17 @@ class OnnxLM:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # No position_ids: a GroupQueryAttention graph that derives positions from the mask (no left padding).
+        self.takes_positions = "position_ids" in inputs
         past = [n for n in inputs if _PAST.match(n)]
         # key before value within a slot, slots in numeric order (not string order: 10 < 2)
         self.past_names = sorted(past, key=lambda n: (int(_PAST.match(n)[1]), _PAST.match(n)[2] != "key"))
-        self.kv_heads = self.head_dim = 0
-        self.kv_dtype = np.dtype(np.float32)
-        if self.past_names:
-            first = inputs[self.past_names[0]]
-            self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
-            if not (isinstance(self.kv_heads, int) and isinstance(self.head_dim, int)):
-                raise ValueError(f"{first.name} has shape {first.shape}; expected static kv_heads and head_dim")
-            if first.type not in _KV_DTYPES:
-                raise ValueError(f"{first.name} has type {first.type}; expected one of {sorted(_KV_DTYPES)}")
-            self.kv_dtype = np.dtype(_KV_DTYPES[first.type])
+        fallback = _genai_shape(Path(self.path).with_name("genai_config.json"))
+        self.past_shapes = {n: _kv_shape(inputs[n], fallback) for n in self.past_names}  # (kv_heads, head_dim)
+        types = {inputs[n].type for n in self.past_names}
+        if types - set(_KV_DTYPES):
+            raise ValueError(f"KV inputs have types {sorted(types)}; expected one of {sorted(_KV_DTYPES)}")
+        self.kv_dtype = np.dtype(_KV_DTYPES[types.pop()] if types else np.float32)
         vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size = vocab if isinstance(vocab, int) else None
 
@@ -59,15 +60,14 @@ class OnnxLM:
         return len(self.past_names) // 2
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        return {name: np.zeros(shape, self.kv_dtype) for name in self.past_names}
+        return {name: np.zeros((batch, heads, 0, dim), self.kv_dtype) for name, (heads, dim) in self.past_shapes.items()}
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         """(logits [batch, seq, vocab], present keyed by the past input names, ready to feed back)."""
         feed = {"input_ids": np.asarray(input_ids, np.int64),
                 "attention_mask": np.asarray(attention_mask, np.int64),
                 "position_ids": np.asarray(position_ids, np.int64), **past}
-        # Some exports lack position_ids (or every KV input when all attention was dropped).
+        # Fused graphs lack position_ids (and every graph lacks KV inputs when all attention was dropped).
         feed = {k: v for k, v in feed.items() if k in self.input_names}
         outs = dict(zip(self.output_names, self.session.run(None, feed)))
         present = {k.replace("present.", "past_key_values.", 1): v
@@ -75,9 +75,29 @@ class OnnxLM:
         return outs["logits"], present
 
 
+def _genai_shape(config: Path) -> tuple[int | None, int | None]:
+    """(KV heads, head size) from an onnxruntime-genai config beside the model, for graphs whose KV inputs
+    leave them symbolic (the genai builder's); (None, None) when there is none."""
+    try:
+        decoder = json.loads(config.read_text())["model"]["decoder"]
+        return decoder.get("num_key_value_heads"), decoder.get("head_size")
+    except (OSError, KeyError, ValueError):
+        return None, None
+
+
+def _kv_shape(node, fallback) -> tuple[int, int]:
+    heads, dim = node.shape[1], node.shape[3]
+    heads = heads if isinstance(heads, int) else fallback[0]
+    dim = dim if isinstance(dim, int) else fallback[1]
+    if not (isinstance(heads, int) and isinstance(dim, int)):
+        raise ValueError(f"{node.name} has shape {node.shape}; expected static KV heads and head size (or a "
+                         "genai_config.json beside the model that gives them)")
+    return heads, dim
+
+
 def kv_bytes_per_token(lm: OnnxLM) -> int:
     """Bytes of KV cache one token adds at batch 1 (keys and values of every kept attention layer)."""
-    return 2 * lm.kv_layers * lm.kv_heads * lm.head_dim * lm.kv_dtype.itemsize
+    return sum(heads * dim for heads, dim in lm.past_shapes.values()) * lm.kv_dtype.itemsize
 
 
 def _target_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -109,12 +129,21 @@ def perplexity(lm: OnnxLM, windows: np.ndarray) -> dict:
 
 
 def choice_scores(lm: OnnxLM, context: list[int], choices: list[list[int]]) -> np.ndarray:
-    """Mean log-prob of each choice's tokens given the context: context run once, choices in one batch."""
+    """Mean log-prob of each choice's tokens given the context: context run once, then the choices in one
+    right-padded batch (one at a time for graphs that take no padding)."""
     if not context or not choices or not all(choices):
         raise ValueError("multiple choice needs a non-empty context and non-empty choices")
     ctx = np.asarray(context, np.int64)[None]
     ctx_logits, present = _score_from_scratch(lm, ctx)
-    n, width, c = len(choices), max(map(len, choices)), ctx.shape[1]
+    if not lm.takes_positions:
+        return np.array([_choice_logprobs(lm, ctx_logits, present, ctx.shape[1], [c])[0].mean() for c in choices])
+    logp = _choice_logprobs(lm, ctx_logits, present, ctx.shape[1], choices)
+    return np.array([logp[row, :len(ch)].mean() for row, ch in enumerate(choices)])
+
+
+def _choice_logprobs(lm: OnnxLM, ctx_logits, present, c: int, choices: list[list[int]]) -> np.ndarray:
+    """log p of every choice token [n, width] after a context of length c whose logits and KV are given."""
+    n, width = len(choices), max(map(len, choices))
     ids = np.zeros((n, width), np.int64)  # right padding: causal, so real tokens never see it
     mask = np.zeros((n, c + width), np.int64)
     mask[:, :c] = 1
@@ -126,8 +155,7 @@ def choice_scores(lm: OnnxLM, context: list[int], choices: list[list[int]]) -> n
     logits, _ = lm.forward(ids, mask, positions, past)
     # Token j of a choice is predicted by position j-1 of the choice batch, token 0 by the context's end.
     preds = np.concatenate([np.repeat(ctx_logits[:, -1:], n, axis=0), logits[:, :-1]], axis=1)
-    logp = _target_logprobs(preds, ids)
-    return np.array([logp[row, :len(ch)].mean() for row, ch in enumerate(choices)])
+    return _target_logprobs(preds, ids)
 
 
 def multiple_choice(lm: OnnxLM, items) -> dict:
@@ -142,9 +170,15 @@ def greedy_trace(lm: OnnxLM, input_ids, attention_mask, steps: int, forced=None)
 
     Each step feeds the argmax of the previous logits, or `forced[:, step]` when given (teacher forcing:
     a quantised model is then compared with the reference on the reference's own context, instead of
-    drifting onto another continuation after its first different token)."""
+    drifting onto another continuation after its first different token). Graphs that take no padding run
+    each row alone, unpadded."""
     ids = np.asarray(input_ids, np.int64)
     mask = np.asarray(attention_mask, np.int64)
+    if not lm.takes_positions and not mask.all():
+        rows = [greedy_trace(lm, ids[r][mask[r] == 1][None], np.ones((1, int(mask[r].sum())), np.int64), steps,
+                             None if forced is None else np.asarray(forced)[r:r + 1]) for r in range(len(ids))]
+        trace = [np.concatenate([row[0][t] for row in rows]) for t in range(steps + 1)]
+        return trace, np.concatenate([row[1] for row in rows])
     positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     logits, past = lm.forward(ids, mask, positions, lm.empty_past(len(ids)))
     trace = [logits[:, -1].astype(np.float32)]
