@@ -69,7 +69,8 @@ def compare(recipe: Recipe, out: str | None = None, threads: int | None = None, 
                               tools, tmp)
         console.say(f"timing {len(files)} paths, {spec.rounds} interleaved rounds ...")
         timing = interleaved({f.label: (f.kind, f.timed) for f in files}, spec, tools / "llama-bench", tmp)
-    rows = [{"path": f.label, "runtime": f.kind, "file_mb": _size_mb(f), **timing[f.label], **scores[f.label],
+        sizes = {f.label: _size_mb(f) for f in files}  # before the temporary folder goes
+    rows = [{"path": f.label, "runtime": f.kind, "file_mb": sizes[f.label], **timing[f.label], **scores[f.label],
              "vs_fp32": scores[f.label]["perplexity"] / scores[f.reference]["perplexity"], "reference": f.reference,
              "made": f.made} for f in files]
     result = {"model": p.loaded.description, "rows": rows, "ratios": ratios(rows), "settings": asdict(spec)}
