@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 RECIPE ?= recipes/smollm2-135m.yaml
 STAMP  := $(VENV)/.installed
 
+NIGHTLY ?= recipes/nightly.yaml
 ARM_TARGETS ?= recipes/targets-arm.yaml
 # The run folder `validate-arm` checks: RUN=runs/<folder>, else the newest default-recipe run (made if none).
 RUN ?= $(shell ls -d runs/smollm2-135m-2*/ 2>/dev/null | grep -v -- -targets- | tail -n 1)
 
-.PHONY: setup assets compress test test-slow bench bench-sweep bench-peers bench-heal docs schema arm-root validate-arm clean
+.PHONY: setup assets compress nightly test test-slow bench bench-sweep bench-peers bench-heal bench-quant docs schema arm-root validate-arm clean
 
 setup: $(STAMP)
 
@@ -24,6 +25,11 @@ assets: setup
 compress: assets
 	$(BIN)/slimformer run $(RECIPE)
 
+# The recipes of $(NIGHTLY) through the stage cache, compared with the version tagged `nightly` in registry/,
+# published only within the file's regression limits; report in runs/nightly/ (docs/registry.md).
+nightly: assets
+	$(BIN)/slimformer nightly $(NIGHTLY) $(NIGHTLY_ARGS)
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -32,13 +38,16 @@ test-slow: assets
 
 MILTON := packaged:miltondata/texts/paradise_lost_(no_introduction)_gut.txt,packaged:miltondata/texts/paradise_regained_gut.txt
 
-bench: bench-sweep bench-peers bench-heal
+bench: bench-sweep bench-peers bench-heal bench-quant
 
 bench-sweep: assets
 	$(BIN)/slimformer sweep recipes/smollm2-135m-sweep.yaml --out runs/sweep.json
 
 bench-peers: assets
 	$(BIN)/slimformer peers recipes/smollm2-135m-mobile.yaml --out runs/peers.json
+
+bench-quant: assets
+	$(BIN)/slimformer quant-sweep recipes/smollm2-135m-mobile.yaml --out runs/quant-sweep.json
 
 bench-heal: assets
 	$(BIN)/slimformer heal-sweep recipes/smollm2-135m-heal-sweep.yaml --counts 0 2 4 8 12 --out runs/heal-sweep.json

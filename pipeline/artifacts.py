@@ -360,8 +360,102 @@ class Report(Artifact):
     packages: Packages
     stage_seconds: dict[str, float]
     wall_seconds: float
+    cached_stages: tuple[str, ...] = ()  # stages whose output came from the stage cache (nightly)
     filename: ClassVar[str] = "report.json"
 
     @property
     def passed(self) -> bool:
         return self.validation.passed
+
+
+# ---------------------------------------------------------------- registry and nightly
+
+@dataclass(frozen=True)
+class VariantFigures(Artifact):
+    """The key figures of one published variant: held-out accuracy, file size, KV cache per token, and decode
+    ms/token p50 per place it was timed ('host' is the machine that made the run; others are targets)."""
+
+    perplexity: float
+    mc_accuracy: float
+    file_mb: float
+    kv_kb_per_token: float
+    decode_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PublishedVersion(Artifact):
+    """One immutable version in a registry: what `slimformer ls` prints, and the artifact's config blob."""
+
+    name: str
+    version: str
+    created_utc: str
+    recipe_sha256: str
+    source_model: str
+    source_sha256: str
+    passed: bool
+    formats: dict[str, tuple[str, ...]]  # variant -> formats published for it (onnx, ort, genai, coreml, hf)
+    figures: dict[str, VariantFigures]
+    files: int
+    bytes: int
+    tags: tuple[str, ...] = ()  # the moving tags that point at this version when it was read
+
+
+@dataclass(frozen=True)
+class SideBySide(Artifact):
+    """One variant of tonight's model beside the same variant of the tagged version, measured in one process on
+    the same tokens; latency in interleaved rounds. `identical`: both files have the same sha256."""
+
+    variant: str
+    identical: bool
+    previous: dict[str, float]  # perplexity, mc_accuracy, file_mb, decode_p50_ms
+    new: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Regression(Artifact):
+    """A regression limit crossed by one variant: the figure, both values and the limit."""
+
+    variant: str
+    figure: str  # perplexity, mc_accuracy, file_mb, decode_p50_ms
+    previous: float
+    new: float
+    change: float  # in the limit's unit: percent, or absolute for accuracy
+    limit_name: str
+    limit: float
+
+    def describe(self, recipe: str) -> str:
+        unit = "" if self.limit_name == "max_mc_accuracy_drop" else " %"
+        return (f"{recipe}: {self.variant}: {self.figure}: previous {self.previous:.4g}, new {self.new:.4g} "
+                f"({self.change:+.3g}{unit}); limit {self.limit_name} {self.limit:g}")
+
+
+@dataclass(frozen=True)
+class RecipeNight(Artifact):
+    """What one night did with one recipe. status: published (and the tag moved), regressed (a limit was
+    crossed: not published), failed (the run raised or a validation gate failed: not published)."""
+
+    recipe: str
+    name: str
+    status: Literal["published", "regressed", "failed"]
+    version: str | None = None
+    previous: str | None = None  # the version the tag pointed at, compared against
+    run_dir: str | None = None
+    error: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    cached_stages: tuple[str, ...] = ()
+    compare_seconds: float = 0.0
+    figures: dict[str, VariantFigures] = field(default_factory=dict)
+    side_by_side: tuple[SideBySide, ...] = ()
+    regressions: tuple[Regression, ...] = ()
+
+
+@dataclass(frozen=True)
+class NightReport(Artifact):
+    """One night: every recipe's outcome. history.jsonl holds one of these per line."""
+
+    started_utc: str
+    registry: str
+    tag: str
+    wall_seconds: float
+    recipes: tuple[RecipeNight, ...]
+    ray: str | None = None

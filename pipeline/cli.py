@@ -1,8 +1,11 @@
 """The `slimformer` command: parse arguments, load the recipe, call the pipeline. Nothing else.
 
 Heavy libraries are imported by the commands that need them, so `slimformer --help` and `slimformer schema`
-answer at once. Exit codes: 0 done, 2 bad input (the message says what to change), 3 a validation gate
-failed (the run folder is written), 130 interrupted, 143 terminated.
+answer at once. Exit codes: 0 done, 2 bad input (the message says what to change; also an unreachable registry,
+refused credentials or an unknown name or version), 3 a validation gate failed (the run folder is written),
+4 nightly: a regression limit was crossed (that recipe is not published), 5 nightly: a recipe failed (not
+published; the others ran), 6 a pulled file did not match its sha256 (nothing kept), 130 interrupted,
+143 terminated.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import signal
 import sys
 import threading
 
-from .errors import GateError, SlimformerError
+from .errors import GateError, IntegrityError, SlimformerError
 
-EXIT_BAD_INPUT, EXIT_GATE = 2, 3
+EXIT_BAD_INPUT, EXIT_GATE, EXIT_INTEGRITY = 2, 3, 6
 
 
 def _cmd_run(args) -> int:
@@ -61,8 +64,44 @@ def _cmd_sweep(args) -> int:
     from .bench.sweep import sweep
     from .config.loading import load_recipe
 
-    sweep(load_recipe(args.recipe), counts=args.counts, kinds=args.variants, out=args.out)
+    sweep(load_recipe(args.recipe), counts=args.counts, kinds=args.variants, out=args.out, ray=args.ray)
     return 0
+
+
+def _cmd_publish(args) -> int:
+    from .registry import open_store
+    from .registry.ops import publish
+
+    publish(args.run_dir, open_store(args.to), args.tag or [])
+    return 0
+
+
+def _cmd_pull(args) -> int:
+    from .registry import open_store
+    from .registry.ops import pull
+
+    pull(args.ref, open_store(args.source), args.dest, variant=args.variant, fmt=args.format)
+    return 0
+
+
+def _cmd_ls(args) -> int:
+    from .registry import open_store
+    from .registry.ops import names_table, version_table, versions
+
+    store = open_store(args.registry)
+    print(version_table(args.name, versions(store, args.name)) if args.name else names_table(store))
+    return 0
+
+
+def _cmd_nightly(args) -> int:
+    from pathlib import Path
+
+    from .config.nightly import load_nightly
+    from .nightly import nightly
+
+    registry = args.registry if args.registry is None or args.registry.startswith("oci://") else \
+        str(Path(args.registry).absolute())
+    return nightly(load_nightly(args.nightly, registry), use_cache=not args.no_cache, ray=args.ray)
 
 
 def _cmd_heal_sweep(args) -> int:
@@ -87,6 +126,14 @@ def _cmd_peers(args) -> int:
     from .config.loading import load_recipe
 
     compare(load_recipe(args.recipe), out=args.out, threads=args.threads, rounds=args.rounds, repeats=args.repeats)
+    return 0
+
+
+def _cmd_quant_sweep(args) -> int:
+    from .bench.quant_sweep import quant_sweep
+    from .config.loading import load_recipe
+
+    quant_sweep(load_recipe(args.recipe), out=args.out)
     return 0
 
 
@@ -121,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--variants", nargs="+", default=["attention", "mlp", "blocks", "joint"],
                    choices=["attention", "mlp", "blocks", "joint"])
     w.add_argument("--out", default=None, help="also write the table as JSON here")
+    _ray_option(w, "sweep point")
     w.set_defaults(func=_cmd_sweep)
     h = sub.add_parser("heal-sweep", help="perplexity / accuracy vs attention sublayers dropped, one-shot and "
                        "healed with the recipe's heal block")
@@ -140,13 +188,55 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: the recipe's)")
     c.add_argument("--repeats", type=int, default=3, help="timed runs per path per round, after a warm-up")
     c.set_defaults(func=_cmd_peers)
+    q = sub.add_parser("quant-sweep", help="4-bit quantisers side by side (source GGUF blocks, rtn, hqq, gptq, "
+                       "mixed 4/8-bit) on the packaged weights and on off-grid weights: file MB, held-out perplexity")
+    q.add_argument("recipe", help="recipe whose model, drop, calibration and held-out data are used")
+    q.add_argument("--out", default=None, help="also write the rows as JSON here")
+    q.set_defaults(func=_cmd_quant_sweep)
     t = sub.add_parser("targets", help="validate a finished run folder's files on other targets "
                        "(emulated ARM cores, a device over SSH) and print the per-target table")
     t.add_argument("run_dir", help="a folder written by `slimformer run`, e.g. runs/smollm2-135m-<time>")
     t.add_argument("targets", help="YAML file with a `targets:` list, e.g. recipes/targets-arm.yaml")
     t.add_argument("--out", default=None, help="report folder (default: <run_dir>-targets-<time> beside it)")
     t.set_defaults(func=_cmd_targets)
+    _registry_commands(sub)
     return p
+
+
+def _ray_option(parser, unit: str) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS|auto",
+                        help=f"run each {unit} as a Ray task: alone, on a Ray instance started here; 'auto', on the "
+                        "cluster this machine belongs to; ray://host:10001, on that cluster (Ray client)")
+
+
+def _registry_commands(sub) -> None:
+    p = sub.add_parser("publish", help="publish a finished run folder as a new immutable version; move `latest` "
+                       "(and --tag) to it")
+    p.add_argument("run_dir", help="a folder written by `slimformer run`, e.g. runs/smollm2-135m-<time>")
+    p.add_argument("--to", required=True, metavar="REGISTRY",
+                   help="a local folder (created if missing) or oci://host[:port]/repository")
+    p.add_argument("--tag", action="append", help="also move this tag (e.g. nightly) to the new version; repeatable")
+    p.set_defaults(func=_cmd_publish)
+    q = sub.add_parser("pull", help="pull one variant in one format of a published version, every sha256 checked")
+    q.add_argument("ref", metavar="NAME[:VERSION|:TAG]", help="e.g. smollm2-135m:latest (no tag: latest)")
+    q.add_argument("--from", dest="source", required=True, metavar="REGISTRY", help="a local folder or oci://...")
+    q.add_argument("--variant", default="compressed", help="compressed (fp32), a quantised variant such as int4, "
+                   "or a Core ML variant such as stateful-fp16 (`slimformer ls` lists them)")
+    q.add_argument("--format", default="onnx", choices=["onnx", "ort", "genai", "coreml", "hf"])
+    q.add_argument("--dest", required=True, help="new folder to write (refused if it exists)")
+    q.set_defaults(func=_cmd_pull)
+    s = sub.add_parser("ls", help="list the names in a registry, or one name's versions with their key figures")
+    s.add_argument("registry", help="a local folder or oci://host[:port]/repository")
+    s.add_argument("name", nargs="?", help="list this name's versions, tags, variants and figures")
+    s.set_defaults(func=_cmd_ls)
+    n = sub.add_parser("nightly", help="run the recipes of a nightly file (stage cache on), compare each new model "
+                       "with the tagged version side by side, publish and move the tag only within the limits")
+    n.add_argument("nightly", help="nightly YAML file, e.g. recipes/nightly.yaml")
+    n.add_argument("--no-cache", action="store_true", help="recompute every stage (the cache is refreshed)")
+    n.add_argument("--registry", default=None, help="use this registry instead of the file's (e.g. in CI: "
+                   "oci://ghcr.io/OWNER/models)")
+    _ray_option(n, "recipe")
+    n.set_defaults(func=_cmd_nightly)
 
 
 def _exit_on_sigterm(signum, frame):
@@ -166,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     except GateError as e:
         print(f"slimformer: {e}", file=sys.stderr)
         return EXIT_GATE
+    except IntegrityError as e:
+        print(f"slimformer: {e}", file=sys.stderr)
+        return EXIT_INTEGRITY
     except SlimformerError as e:
         print(f"slimformer: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -38,3 +38,11 @@ class GateError(SlimformerError):
         self.run_dir = run_dir
         lines = "\n".join(f"  - {f}" for f in self.failures)
         super().__init__(f"{len(self.failures)} validation gate(s) failed (report in {run_dir}):\n{lines}")
+
+
+class RegistryError(SlimformerError):
+    """A registry cannot be reached, refuses the credentials, or lacks the name, version or file asked for."""
+
+
+class IntegrityError(SlimformerError):
+    """A file read from a registry does not hash to the sha256 its version records (truncated or tampered)."""

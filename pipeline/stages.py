@@ -113,11 +113,9 @@ def prepare(recipe: Recipe, timings: dict | None = None) -> Prepared:
 # ---------------------------------------------------------------- model stages
 
 def score(model, tokenizer, spec: CalibrationSpec, name: str) -> Scores:
-    from .model.corpus import calibration_texts, token_windows
     from .model.scoring import score_model
 
-    windows = token_windows(tokenizer, calibration_texts(spec.files), spec.samples, spec.seq_len)
-    return score_model(model, windows, batch_size=spec.batch_size, name=name)
+    return score_model(model, calibration_windows(tokenizer, spec), batch_size=spec.batch_size, name=name)
 
 
 def plan(scores: Scores, spec: DropSpec) -> DropPlan:
@@ -169,42 +167,91 @@ def heal(pruned, original, tokenizer, recipe: Recipe, data, folder: Path | None 
 # ---------------------------------------------------------------- files
 
 def export(model, tokenizer, folder: Path, spec: ExportSpec) -> OnnxExport:
-    from .export.onnx import export_onnx
+    """The compressed model as fp32 ONNX (fused or optimum graph), with its config and tokenizer files."""
+    if spec.graph == "fused":
+        from .export.fused import export_fused
 
-    result = export_onnx(model, folder, opset=spec.opset)
+        result = export_fused(model, folder, opset=spec.opset)
+        model.config.save_pretrained(folder)
+    else:
+        from .export.onnx import export_onnx
+
+        result = export_onnx(model, folder, opset=spec.opset)
     tokenizer.save_pretrained(folder)
     return result
 
 
-def baseline_onnx(loaded, opset: int) -> Path:
-    """The undropped model's ONNX, exported once and cached under a key of everything it depends on: the
-    weights, config.json, the exporter's code and the library versions."""
-    from .export import onnx as exporter
+def baseline_onnx(loaded, spec: ExportSpec) -> Path:
+    """The undropped model's fp32 ONNX, written by the same exporter as the compressed model (so the report
+    compares compression, not two graph layouts), once, and cached under a key of everything it depends on:
+    the weights, config.json, the graph kind, the exporter's code and the library versions."""
+    from .export import fused, onnx
     from .model.assets import home
     from .rundir import library_versions, sha256_file, sha256_json, staged_folder
 
-    key = {"weights": loaded.source_sha256, "config": loaded.model.config.to_dict(), "opset": opset,
-           "exporter": sha256_file(Path(exporter.__file__)), "libraries": library_versions()}
+    exporter = fused if spec.graph == "fused" else onnx
+    key = {"weights": loaded.source_sha256, "config": loaded.model.config.to_dict(), "graph": spec.graph,
+           "opset": spec.opset, "exporter": sha256_file(Path(exporter.__file__)), "libraries": library_versions()}
     folder = home() / "baselines" / sha256_json(key)[:24]
     if not (folder / "model.onnx").exists():
         with staged_folder(folder) as tmp:
-            exporter.export_onnx(loaded.model, tmp, opset=opset)
+            write = fused.export_fused if spec.graph == "fused" else onnx.export_onnx
+            write(loaded.model, tmp, opset=spec.opset)
             (tmp / "key.json").write_text(yaml.safe_dump(key, sort_keys=True))
     return folder / "model.onnx"
 
 
-def quantize(fp32: Path, specs, folder: Path) -> dict[str, Path]:
-    """One folder per quantised variant (`onnx-<name>/`), with the fp32 folder's config and tokenizer files."""
+def quantize(exported: OnnxExport, specs, folder: Path, pruned=None, loaded=None,
+             calibration: CalibrationSpec | None = None, opset: int = 18) -> dict[str, Path]:
+    """One folder per quantised variant (`onnx-<name>/`), with the fp32 folder's config and tokenizer files.
+    A fused graph is written again from the (pruned) model with quantised weights; an optimum graph is
+    rewritten by onnxruntime's quantisers."""
     from .export.quantize import quantize_onnx
 
-    variants = {}
+    variants, gguf, windows = {}, None, None
     for spec in specs:
         out = folder / f"onnx-{spec.name}"
-        variants[spec.name] = quantize_onnx(fp32, out, spec).path
-        for extra in fp32.parent.iterdir():
+        if exported.graph == "fused" and spec.kind != "onnx-fp16":
+            if spec.source_blocks and loaded.gguf is not None and gguf is None:
+                from .export.gguf_blocks import GgufBlocks
+
+                gguf = GgufBlocks(loaded.gguf)
+            if (spec.algorithm == "gptq" or spec.eight_bit_groups) and windows is None:
+                windows = calibration_windows(loaded.tokenizer, calibration)
+            variants[spec.name] = quantize_fused(spec, pruned, out, gguf, windows, opset).path
+        else:
+            variants[spec.name] = quantize_onnx(exported.path, out, spec).path
+        for extra in exported.path.parent.iterdir():
             if extra.suffix != ".onnx" and not extra.name.endswith(".onnx_data"):
                 shutil.copy2(extra, out / extra.name)
     return variants
+
+
+SENSITIVITY_WINDOWS = 8  # calibration windows for the per-group KL (every group is measured on the same ones)
+
+
+def quantize_fused(spec, model, out: Path, gguf=None, windows=None, opset: int = 18) -> OnnxExport:
+    """`model` as a fused graph quantised as `spec` says: GPTQ's Hessians and the sensitivities that pick the
+    8-bit groups come from the calibration `windows`."""
+    from .export.fused import export_fused
+    from .export.policy import TABLES, make_quantizer
+    from .model.calibration import group_sensitivity, input_hessians
+    from .model.groups import linear_groups, tied
+
+    hessians = input_hessians(model, windows) if spec.algorithm == "gptq" else None
+    quantizer = make_quantizer(spec, tied(model), gguf, hessians)
+    if spec.eight_bit_groups:
+        body = [g for g in linear_groups(model) if g not in TABLES]
+        kl = group_sensitivity(model, quantizer, windows[:SENSITIVITY_WINDOWS], body, console.progress)
+        eight = frozenset(sorted(body, key=kl.get, reverse=True)[:spec.eight_bit_groups])
+        quantizer = make_quantizer(spec, tied(model), gguf, hessians, eight)
+    return export_fused(model, out, quantizer, spec.accuracy_level, opset)
+
+
+def calibration_windows(tokenizer, spec: CalibrationSpec):
+    from .model.corpus import calibration_texts, token_windows
+
+    return token_windows(tokenizer, calibration_texts(spec.files), spec.samples, spec.seq_len)
 
 
 def package(variants: dict[str, Path], pruned, tokenizer, spec: ExportSpec, folder: Path) -> Packages:
@@ -234,8 +281,10 @@ def package(variants: dict[str, Path], pruned, tokenizer, spec: ExportSpec, fold
 
 # ---------------------------------------------------------------- the run
 
-def run(recipe: Recipe) -> Path:
-    """Run every stage; return the finished run folder. Raises GateError (after writing) if a gate fails."""
+def run(recipe: Recipe, cache=None) -> Path:
+    """Run every stage; return the finished run folder. Raises GateError (after writing) if a gate fails.
+    With a `pipeline.stagecache.StageCache`, score, export, quantize, package and the variants' accuracy are
+    reused when their inputs are unchanged."""
     from .rundir import new_run_path, staged_folder
 
     start, timings = time.perf_counter(), {}
@@ -246,7 +295,7 @@ def run(recipe: Recipe) -> Path:
         log = tmp / "run.log"
         try:
             with console.capture(log):
-                report = _stages(recipe, info, tmp, timings, start)
+                report = _stages(recipe, info, tmp, timings, start, cache)
         except Exception:  # a failure, not Ctrl-C or a kill: keep the library output that may explain it
             if log.is_file():
                 failed = final.with_name(final.name + ".failed.log")
@@ -261,14 +310,17 @@ def run(recipe: Recipe) -> Path:
     return final
 
 
-def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: float) -> Report:
+def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: float, cache=None) -> Report:
+    from . import stagecache as sc
     from .measure.validate import prepare_eval_data, validate
 
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     with stage("load model", timings):
         loaded = load(recipe)
     with stage("score", timings):
-        scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
+        scores = sc.cached(
+            cache, "score", lambda: sc.score_key(recipe, loaded.source_sha256), tmp,
+            lambda: score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description), Scores)
         scores.write(tmp)
     with stage("plan", timings):
         drop_plan = plan(scores, recipe.drop)
@@ -283,22 +335,28 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
         with stage("heal", timings):
             pruned, healing = heal(pruned, loaded.model, loaded.tokenizer, recipe, data, tmp)
     with stage("export", timings):
-        exported = export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export)
-        original_onnx = baseline_onnx(loaded, recipe.export.opset)
+        exported = sc.cached(cache, "export", lambda: sc.export_key(recipe, loaded.source_sha256, tmp), tmp,
+                             lambda: export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export), OnnxExport)
+        original_onnx = baseline_onnx(loaded, recipe.export)
     with stage("quantize", timings):
-        variants = {"compressed": exported.path, **quantize(exported.path, recipe.quantize, tmp)}
+        variants = {"compressed": exported.path, **sc.cached(
+            cache, "quantize", lambda: sc.quantize_key(recipe, loaded.source_sha256, tmp), tmp,
+            lambda: quantize(exported, recipe.quantize, tmp, pruned, loaded, recipe.calibration, recipe.export.opset),
+            dict[str, Path])}
     with stage("package", timings):
-        packages = package(variants, pruned, loaded.tokenizer, recipe.export, tmp)
+        packages = sc.cached(cache, "package", lambda: sc.package_key(recipe, loaded.source_sha256, tmp, variants),
+                             tmp, lambda: package(variants, pruned, loaded.tokenizer, recipe.export, tmp), Packages)
     with stage("validate", timings):
         work = tmp / "validation"
         work.mkdir()
         params = {"original": _params_m(loaded.model), "compressed": _params_m(pruned)}
         validation = validate(original_onnx, variants, params, pruned, data, recipe.validate_, work,
-                              original_onnx.parent)
+                              original_onnx.parent, sc.accuracy_folder(cache))
         shutil.rmtree(work)
     with stage("report", timings):
         report = Report(name=recipe.name, plan=drop_plan, heal=healing, validation=validation, packages=packages,
-                        stage_seconds=dict(timings), wall_seconds=round(time.perf_counter() - start, 1))
+                        stage_seconds=dict(timings), wall_seconds=round(time.perf_counter() - start, 1),
+                        cached_stages=sc.reused(cache, validation))
         write_report(report, scores, tmp)
         _manifest(tmp, recipe, loaded, variants, report)
     return report

@@ -105,9 +105,14 @@ def save_tiny_folder(folder, arch: str = "llama", texts=()):
 @pytest.fixture
 def tiny_project(tmp_path, monkeypatch):
     """A complete offline project: tiny model folder, calibration/eval/distractor texts, a recipe."""
+    monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path / "home"))
+    return write_tiny_project(tmp_path)
+
+
+def write_tiny_project(tmp_path):
+    """The files of `tiny_project` under `tmp_path`; returns the recipe's path (SLIMFORMER_HOME is the caller's)."""
     import yaml
 
-    monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path / "home"))
     texts = {name: synthetic_text(seed) for seed, name in enumerate(("calib", "eval", "distract"))}
     for name, text in texts.items():
         (tmp_path / f"{name}.txt").write_text(text)
@@ -126,3 +131,22 @@ def tiny_project(tmp_path, monkeypatch):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished run of the tiny recipe with an int4 variant, shared by the registry tests (read only)."""
+    import yaml
+
+    from pipeline.config.loading import load_recipe
+    from pipeline.stages import run
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLIMFORMER_HOME", str(root / "home"))
+        recipe = write_tiny_project(root)
+        data = yaml.safe_load(recipe.read_text())
+        data["quantize"] = [{"kind": "onnx-int4", "block_size": 16}]
+        data["validate"]["variant_gates"] = {"int4": {"min_top1_agreement": 0.5, "max_abs_logit_error": None}}
+        recipe.write_text(yaml.safe_dump(data))
+        return run(load_recipe(recipe))

@@ -114,6 +114,9 @@ def test_broken_coreml_block_fails_in_seconds_naming_each_problem(tiny_project, 
 
 
 def test_console_shows_stages_and_the_log_keeps_library_noise(tiny_project):
+    # optimum's exporter warns on every export of a tied model: noise a user should not have to read
+    noise = "Found different candidate ONNX initializers"
+    tiny_project.write_text(tiny_project.read_text().replace("name: tiny", "name: tiny\nexport: {graph: optimum}"))
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(tiny_project)], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -121,11 +124,10 @@ def test_console_shows_stages_and_the_log_keeps_library_noise(tiny_project):
     assert lines and all(line.startswith("[") for line in lines), lines  # stage lines, nothing else
     assert "[11/11] report done" in proc.stderr and "wall time:" in proc.stdout
     [final] = (tiny_project.parent / "runs").iterdir()
-    log = (final / "run.log").read_text()
-    assert "TracerWarning" in log or "Found different candidate ONNX initializers" in log
+    assert noise in (final / "run.log").read_text()
     verbose = subprocess.run([sys.executable, "-m", "pipeline.cli", "--verbose", "run", str(tiny_project)],
                              capture_output=True, text=True, timeout=600)
-    assert verbose.returncode == 0 and "Found different candidate ONNX initializers" in verbose.stderr
+    assert verbose.returncode == 0 and noise in verbose.stderr
 
 
 def test_recipe_reference_in_docs_is_generated_from_the_schema():

@@ -171,6 +171,37 @@ def test_peers_refuse_a_model_source_without_a_gguf(tiny_project):
         compare(load_recipe(tiny_project))
 
 
+# ---------------------------------------------------------------- make bench-quant
+
+def test_quant_sweep_measures_every_quantiser_on_both_weight_sets(tiny_project, tmp_path):
+    from pipeline.bench.quant_sweep import markdown_table, quant_sweep
+    from pipeline.config.loading import load_recipe
+
+    rows = quant_sweep(load_recipe(tiny_project), out=str(tmp_path / "q.json"),
+                       rows=["rtn symmetric", "hqq", "gptq symmetric"])
+    assert [(r["weights"].split()[0], r["quantiser"]) for r in rows] == [
+        (w, q) for w in ("packaged", "off-grid") for q in ("fp32", "rtn symmetric", "hqq", "gptq symmetric")]
+    assert all(r["file_mb"] < rows[0]["file_mb"] for r in rows if r["quantiser"] != "fp32")
+    assert "| off-grid (seeded noise) | hqq |" in markdown_table(rows)
+    assert json.loads((tmp_path / "q.json").read_text())["rows"] == rows
+
+
+def test_off_grid_weights_move_within_half_a_block_step():
+    import numpy as np
+
+    from conftest import tiny_model
+    from pipeline.bench.quant_sweep import off_grid
+
+    model = tiny_model("llama")
+    moved = off_grid(model)
+    w, v = model.model.layers[0].mlp.up_proj.weight.detach().numpy(), moved.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    blocks = w.reshape(w.shape[0], -1, 32)
+    step = (blocks.max(-1) - blocks.min(-1)) / 15
+    shift = np.abs(v - w).reshape(blocks.shape).max(-1)
+    assert (shift <= step / 2 + 1e-6).all() and (shift > 0).all()
+    assert np.array_equal(off_grid(model).model.layers[0].mlp.up_proj.weight.detach().numpy(), v)  # seeded
+
+
 # ---------------------------------------------------------------- with the peers built (make bench-peers)
 
 def _built_llama():

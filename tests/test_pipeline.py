@@ -50,15 +50,14 @@ def test_saved_pruned_folder_reloads_identically(tiny_project):
     reloaded = load_model("hf", path=final / "hf").model
     assert drop_lists(reloaded)["attention"] == plan["attention"]
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    from onnxruntime import InferenceSession
+    from pipeline.measure.ort_runner import OnnxLM
 
-    sess = InferenceSession(str(final / "onnx" / "model.onnx"))
-    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 5), np.int64),
-            "position_ids": np.arange(5)[None]}
-    feed.update({i.name: np.zeros((1, 2, 0, 16), np.float32) for i in sess.get_inputs() if "past" in i.name})
+    lm = OnnxLM(final / "onnx" / "model.onnx")
+    assert not lm.takes_positions  # the default graph is the fused one
+    logits, _ = lm.forward(ids.numpy(), np.ones((1, 5), np.int64), np.arange(5)[None], lm.empty_past(1))
     with torch.no_grad():
         ref = reloaded(input_ids=ids).logits.numpy()
-    assert np.abs(sess.run(["logits"], feed)[0] - ref).max() < 1e-4
+    assert np.abs(logits - ref).max() < 1e-4
 
 
 def test_failed_gate_exits_nonzero_and_names_the_gate(tiny_project, capsys):
@@ -304,21 +303,23 @@ def test_report_round_trips_and_the_original_is_scored_once(tiny_project):
     assert not second.validation.models["compressed"].accuracy_cached  # what the run made is always scored
 
 
-def test_baseline_cache_key_covers_config_and_exporter(tmp_path, monkeypatch):
+def test_baseline_cache_key_covers_config_graph_and_exporter(tmp_path, monkeypatch):
     import dataclasses
 
     from conftest import tiny_model
-    from pipeline.export import onnx as exporter
+    from pipeline.config.recipe import ExportSpec
+    from pipeline.export import fused as exporter
     from pipeline.model.loading import LoadedModel
     from pipeline.stages import baseline_onnx
 
     monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path))
     loaded = LoadedModel(model=tiny_model(), tokenizer=None, source_sha256="same-weights", description="tiny")
-    first = baseline_onnx(loaded, 18)
-    assert baseline_onnx(loaded, 18) == first  # cached
+    first = baseline_onnx(loaded, ExportSpec())
+    assert baseline_onnx(loaded, ExportSpec()) == first  # cached
+    assert baseline_onnx(loaded, ExportSpec(graph="optimum")) != first
     changed = tiny_model(rope_theta=500000.0)  # same weights file hash, another config.json
-    assert baseline_onnx(dataclasses.replace(loaded, model=changed), 18) != first
+    assert baseline_onnx(dataclasses.replace(loaded, model=changed), ExportSpec()) != first
     code = tmp_path / "exporter.py"
     code.write_text(Path(exporter.__file__).read_text() + "\n# changed\n")
     monkeypatch.setattr(exporter, "__file__", str(code))
-    assert baseline_onnx(loaded, 18) != first
+    assert baseline_onnx(loaded, ExportSpec()) != first

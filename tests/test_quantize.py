@@ -170,7 +170,8 @@ def test_tied_table_stored_once_and_exact(bits, hidden, block, symmetric, tmp_pa
     vocab = 40
     _tied_graph(tmp_path / "fp32.onnx", vocab, hidden)
     # The graph has only the tied table, so an int4 spec's lm_head_bits sets its width (8 is int8's too).
-    spec = OnnxInt4Spec(kind="onnx-int4", block_size=block, symmetric=symmetric, accuracy_level=1, lm_head_bits=bits)
+    spec = OnnxInt4Spec(kind="onnx-int4", block_size=block, form="symmetric" if symmetric else "asymmetric",
+                        accuracy_level=1, lm_head_bits=bits)
     path = quantize_onnx(tmp_path / "fp32.onnx", tmp_path / "q", spec).path
     import onnx
 

@@ -31,7 +31,7 @@ def problems_of(data, base=RECIPES) -> list[str]:
 
 @pytest.mark.parametrize("where, data, hint", [
     ("heal.epochs", {"heal": {"epochs": 3}, "drop": {"attention": 1}}, "steps, learning_rate"),
-    ("quantize.0.onnx-int4.bitz", {"quantize": [{"kind": "onnx-int4", "bitz": 4}]}, "block_size, symmetric"),
+    ("quantize.0.onnx-int4.bitz", {"quantize": [{"kind": "onnx-int4", "bitz": 4}]}, "block_size, accuracy_level, algorithm"),
     ("export.coreml.colour", {"export": {"coreml": {"colour": 1}}}, "stateful, stateless, context_length"),
     ("export.coreml.compression.0.linear-int4.bits", {"export": {"coreml": {"compression": [
         {"kind": "linear-int4", "bits": 4}]}}}, "kind, block_size"),

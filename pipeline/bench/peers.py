@@ -133,10 +133,11 @@ def slimformer_files(recipe: Recipe, loaded, folder: Path) -> dict[str, tuple[Pa
     packaged by the run's own stage functions (the recipe's first int8 and int4 specs, else their defaults)."""
     scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
     pruned = drop(loaded.model, plan(scores, recipe.drop), loaded.tokenizer)
-    fp32 = export(pruned, loaded.tokenizer, folder / "onnx", recipe.export).path
+    exported = export(pruned, loaded.tokenizer, folder / "onnx", recipe.export)
     specs = [(_first(recipe, "onnx-int8") or OnnxInt8Spec(kind="onnx-int8")).model_copy(update={"name": "int8"}),
              (_first(recipe, "onnx-int4") or OnnxInt4Spec(kind="onnx-int4")).model_copy(update={"name": "int4"})]
-    variants = {"fp32": fp32, **quantize(fp32, specs, folder)}
+    variants = {"fp32": exported.path, **quantize(exported, specs, folder, pruned, loaded, recipe.calibration,
+                                                  recipe.export.opset)}
     only_genai = recipe.export.model_copy(update={"genai": True, "ort_format": False, "coreml": None})
     packages = package(variants, pruned, loaded.tokenizer, only_genai, folder)
     return {name: (path, packages.genai[name].path) for name, path in variants.items()}

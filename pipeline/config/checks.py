@@ -43,8 +43,25 @@ def recipe_problems(recipe: Recipe) -> list[str]:
         if name not in names:
             problems.append(f"validate.variant_gates.{name}: no quantize variant is named '{name}'; "
                             f"variants: {', '.join(names) or 'none'}")
+    problems += _graph_problems(recipe)
     problems += target_problems(recipe.validate_.targets, variant_names(recipe))
     problems += unready_targets(recipe.validate_.targets)
+    return problems
+
+
+def _graph_problems(recipe: Recipe) -> list[str]:
+    """Quantiser options the chosen export graph cannot honour."""
+    problems = []
+    for q in (q for q in recipe.quantize if q.kind != "onnx-fp16"):
+        if recipe.export.graph == "fused" and getattr(q, "method", None) == "dynamic":
+            problems.append(f"quantize.{q.name}: method dynamic (quantize_dynamic) rewrites optimum's graph; set "
+                            "export.graph: optimum, or use method weight-only")
+        if recipe.export.graph == "optimum":
+            asked = {"algorithm": q.algorithm != "rtn", "form": q.form == "offset",
+                     "eight_bit_groups": q.eight_bit_groups > 0, "source_blocks": q.source_blocks}
+            problems += [f"quantize.{q.name}.{field}: {getattr(q, field)} needs export.graph: fused (the optimum "
+                         "graph is quantised by onnxruntime's own quantiser, round to nearest)"
+                         for field, used in asked.items() if used and field in q.model_fields_set]
     return problems
 
 

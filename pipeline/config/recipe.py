@@ -127,6 +127,12 @@ class HealSpec(Block):
 
 class ExportSpec(Block):
     format: Literal["onnx"] = Field("onnx", description="Export format.")
+    graph: Literal["fused", "optimum"] = Field(
+        "fused", description="fused: one decoder graph written from the model's own weights, the layout of "
+        "onnxruntime-genai's model builder (GroupQueryAttention with rotary inside and KV only for kept layers, "
+        "SkipSimplifiedLayerNormalization, fused QKV and gate/up, MatMulNBits for quantised weights); what phones "
+        "should run. optimum: optimum's exporter (position_ids input, unfused ops), loadable by "
+        "ORTModelForCausalLM.")
     opset: int = Field(18, ge=15, le=21, description="ONNX opset.")
     ort_format: bool = Field(False, description="Also write .ort files (onnxruntime mobile builds) for every ONNX "
                              "variant, with the required-operators config and the mobile usability verdict.")

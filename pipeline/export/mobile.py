@@ -195,10 +195,12 @@ def genai_config(graph, model_config, tokenizer, filename: str) -> dict:
     model = {"bos_token_id": bos, "context_length": context, "decoder": decoder,
              "eos_token_id": eos if eos is not None else pad, "pad_token_id": pad,
              "type": model_config.model_type, "vocab_size": model_config.vocab_size}
-    # Our graphs concatenate past and new KV (present = past + 1), so genai must not share one buffer.
+    # GroupQueryAttention writes new keys and values into a max_length buffer in place (no copy per token);
+    # optimum's graph concatenates past and new (present = past + 1), so genai must not share one buffer.
+    shared = any(n.op_type == "GroupQueryAttention" for n in graph.node)
     search = {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
               "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-              "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+              "num_return_sequences": 1, "past_present_share_buffer": shared, "repetition_penalty": 1.0,
               "temperature": 1.0, "top_k": 1, "top_p": 1.0}
     return {"model": model, "search": search}
 

@@ -115,7 +115,7 @@ def _nbits_pass(model, config, exclude: list[str]):
 def _nbits_config(spec, bits: int):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
-    return DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=getattr(spec, "symmetric", True),
+    return DefaultWeightOnlyQuantConfig(block_size=spec.block_size, is_symmetric=spec.form != "asymmetric",
                                         bits=bits, accuracy_level=spec.accuracy_level, op_types_to_quantize=("MatMul",))
 
 

@@ -13,6 +13,8 @@ from ..model.prune import kept_attention_layers
 
 
 class TorchLM:
+    takes_positions = True  # transformers models accept position_ids, so padded batches run as they are
+
     def __init__(self, model):
         self.model = model.eval()
         self.kv_layers = len(kept_attention_layers(model))

@@ -98,18 +98,34 @@ def accuracy(onnx_path: Path, inputs: Path, workdir: Path, latency: LatencySpec,
             "kv_kb_per_token": out["kv_bytes_per_token"] / 1024, "onnxruntime": out["onnxruntime"], "trace": trace}
 
 
-def cached_accuracy(onnx_path: Path, inputs: Path, workdir: Path, latency: LatencySpec, cache: Path, key: dict) -> dict:
-    """`accuracy` of a file that never changes (the undropped baseline), computed once per `key` and kept in
-    `cache` (one folder per key, written atomically). The parity trace is not kept: only variants need it."""
+def cached_accuracy(onnx_path: Path, inputs: Path, workdir: Path, latency: LatencySpec, cache: Path, key: dict,
+                    tag: str = "original", keep_trace: bool = False) -> dict:
+    """`accuracy` of a file that never changes (the undropped baseline; with `keep_trace`, a variant whose file
+    hash is in `key`), computed once per `key` and kept in `cache` (one folder per key, written atomically)."""
     folder = Path(cache) / f"accuracy-{sha256_json(key)[:16]}"
-    if (folder / "figures.json").is_file():
-        return {**json.loads((folder / "figures.json").read_text()), "cached": True}
-    figures = accuracy(onnx_path, inputs, workdir, latency, "original")
-    figures.pop("trace")
+    if (folder / "figures.json").is_file() and (not keep_trace or (folder / "trace.npz").is_file()):
+        figures = json.loads((folder / "figures.json").read_text())
+        if keep_trace:
+            with np.load(folder / "trace.npz") as npz:
+                figures["trace"] = [npz[f"step{i}"] for i in range(len(npz.files))]
+        return {**figures, "cached": True}
+    figures = accuracy(onnx_path, inputs, workdir, latency, tag)
+    trace = figures.pop("trace")
     with staged_folder(folder) as tmp:
         (tmp / "figures.json").write_text(json.dumps(figures, indent=2))
         (tmp / "key.json").write_text(json.dumps(key, indent=2))
-    return {**figures, "cached": False}
+        if keep_trace:
+            np.savez(tmp / "trace.npz", **{f"step{i}": step for i, step in enumerate(trace)})
+    return {**figures, "cached": False, **({"trace": trace} if keep_trace else {})}
+
+
+def model_sha256(onnx_path: Path) -> str:
+    """sha256 over an ONNX file and its external data files, if any."""
+    from ..rundir import sha256_file
+
+    path = Path(onnx_path)
+    files = sorted({path, *path.parent.glob(path.name + "*.data"), *path.parent.glob("*.onnx_data")})
+    return sha256_json([sha256_file(f) for f in files])
 
 
 def interleaved_latency(paths: dict[str, Path], latency: LatencySpec, workdir: Path) -> dict[str, dict]:
@@ -140,16 +156,23 @@ def write_runner_inputs(path: Path, pruned_model, data: EvalData, steps: int, mc
 
 
 def validate(original_onnx: Path, variants: dict[str, Path], params_m: dict[str, float], pruned_model,
-             data: EvalData, spec: ValidateSpec, workdir: Path, baseline_cache: Path) -> Validation:
+             data: EvalData, spec: ValidateSpec, workdir: Path, baseline_cache: Path,
+             accuracy_cache: Path | None = None) -> Validation:
     """Measure the original file and every variant ('compressed' is the fp32 one). Each variant's logits are
     compared with the pruned PyTorch model on the parity batch and gated by `spec.gates_for(name)`.
-    `params_m` holds the parameter count of 'original' and 'compressed' (variants share the latter's)."""
+    `params_m` holds the parameter count of 'original' and 'compressed' (variants share the latter's).
+    With `accuracy_cache`, a variant's accuracy and trace are reused when its file and the tokens are unchanged."""
     inputs = workdir / "eval_inputs.npz"
     reference = write_runner_inputs(inputs, pruned_model, data, spec.parity_decode_steps)
     key = _accuracy_key(data, spec.latency)
     measured = {"original": cached_accuracy(original_onnx, inputs, workdir, spec.latency, baseline_cache, key)}
     for tag, path in variants.items():
-        measured[tag] = accuracy(path, inputs, workdir, spec.latency, tag)
+        if accuracy_cache is None:
+            measured[tag] = accuracy(path, inputs, workdir, spec.latency, tag)
+        else:
+            measured[tag] = cached_accuracy(path, inputs, workdir, spec.latency, accuracy_cache,
+                                            {**key, "file": model_sha256(path), "trace_steps": spec.parity_decode_steps},
+                                            tag, keep_trace=True)
     timing = interleaved_latency({"original": original_onnx, **variants}, spec.latency, workdir)
     models, parity, gates = {}, {}, []
     for tag, path in {"original": original_onnx, **variants}.items():

@@ -36,6 +36,8 @@ class Adapter:
     k_proj: str = "k_proj"
     v_proj: str = "v_proj"
     o_proj: str = "o_proj"
+    q_norm: str | None = None  # per-head RMSNorm of queries and keys before rotary (Qwen3)
+    k_norm: str | None = None
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
@@ -60,7 +62,7 @@ ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("llama", gguf_arch="llama"),
     "mistral": Adapter("mistral", gguf_arch="llama"),
     "qwen2": Adapter("qwen2", gguf_arch="qwen2"),
-    "qwen3": Adapter("qwen3", gguf_arch="qwen3"),
+    "qwen3": Adapter("qwen3", gguf_arch="qwen3", q_norm="q_norm", k_norm="k_norm"),
 }
 
 

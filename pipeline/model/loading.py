@@ -52,6 +52,7 @@ class LoadedModel:
     source_sha256: str  # of the source weights: the .gguf file, or the folder's safetensors
     description: str
     folder: Path | None = None  # the Hugging Face folder the model was loaded from, if any
+    gguf: Path | None = None  # the GGUF the weights came from (its blocks can be reused), if any
 
 
 def load_model(source: Source = "packaged", name: str | None = None, path: Path | str | None = None) -> LoadedModel:
@@ -67,7 +68,8 @@ def load_model(source: Source = "packaged", name: str | None = None, path: Path 
         model, tokenizer = load_hf_folder(path)
         return LoadedModel(model, tokenizer, weights_sha256(_safetensors(path)), f"Hugging Face folder {path}", path)
     model, tokenizer = load_gguf_file(path)
-    return LoadedModel(model, tokenizer, assets.sha256_file(path), f"GGUF file {path} (dequantised to fp32)")
+    return LoadedModel(model, tokenizer, assets.sha256_file(path), f"GGUF file {path} (dequantised to fp32)",
+                       gguf=path)
 
 
 def read_model_info(source: Source = "packaged", name: str | None = None, path: Path | str | None = None) -> ModelInfo:
@@ -155,7 +157,7 @@ def _load_packaged(name: str) -> LoadedModel:
     if not folder.is_dir():  # the folder only appears once a conversion has passed its checks
         convert_gguf(spec.fetch(), folder, expect_rope_theta=spec.rope_theta)
     model, tokenizer = load_hf_folder(folder)
-    return LoadedModel(model, tokenizer, spec.gguf_sha256, spec.description, folder)
+    return LoadedModel(model, tokenizer, spec.gguf_sha256, spec.description, folder, gguf=spec.fetch())
 
 
 def weights_sha256(files: list[Path]) -> str:

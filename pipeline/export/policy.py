@@ -1,0 +1,52 @@
+"""Which weight format each linear group gets: a recipe's quantize entry turned into the callable the fused
+exporter asks for every group (and the fake quantisation asks for the same answers).
+
+Order of choice for a group: fp32 when the entry leaves it unquantised (the logits table with
+quantize_lm_head: false); the source GGUF's own blocks when every tensor of the group is unchanged and
+`source_blocks` is on; otherwise `algorithm` on the entry's grid at 4 bits (8 for int8 entries, for the logits
+table at lm_head_bits, and for the groups listed as eight-bit). GPTQ needs an input: an untied embedding (a pure
+lookup) is rounded to nearest instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import weights as w
+from .gguf_blocks import GgufBlocks
+
+TABLES = ("embedding", "lm_head")
+
+
+def group_bits(spec, name: str, tied: bool, eight_bit: frozenset = frozenset()) -> int | None:
+    """Bits the entry gives group `name` (None: left fp32), before any reuse of source blocks. A tied table
+    is one group, quantised with the logits projection."""
+    if name in TABLES:
+        quantised = spec.quantize_lm_head if name == "lm_head" or tied else spec.quantize_embedding
+        if not quantised:
+            return None
+        return 8 if spec.kind == "onnx-int8" else spec.lm_head_bits
+    return 8 if spec.kind == "onnx-int8" or name in eight_bit else 4
+
+
+def make_quantizer(spec, tied: bool, gguf: GgufBlocks | None = None, hessians: dict[str, np.ndarray] | None = None,
+                   eight_bit: frozenset = frozenset(), bits_override: dict[str, int | None] | None = None):
+    """The fused exporter's quantizer for one quantize entry. `bits_override` (group -> bits or None for fp32)
+    replaces the entry's choice group by group: the budget search's per-group formats."""
+    def quantize(name: str, parts: list[np.ndarray], params: list[str]) -> w.BlockQuant | None:
+        bits = bits_override[name] if bits_override and name in bits_override else group_bits(spec, name, tied, eight_bit)
+        if bits is None:
+            return None
+        if spec.source_blocks and gguf is not None:
+            reused = [gguf.blocks_for(p, part) for p, part in zip(params, parts)]
+            if all(r is not None for r in reused) and len({(r.bits, r.block_size) for r in reused}) == 1:
+                return w.concat_rows(reused)
+        weight = np.concatenate(parts)
+        if spec.algorithm == "hqq":
+            return w.hqq(weight, bits, spec.block_size)
+        if spec.algorithm == "gptq" and name in (hessians or {}):
+            return w.gptq(weight, hessians[name], bits, spec.block_size, spec.grid)
+        if spec.algorithm == "gptq" and name not in TABLES:
+            raise ValueError(f"gptq needs the calibration Hessian of group {name}")
+        return w.rtn(weight, bits, spec.block_size, spec.grid)
+    return quantize
