@@ -199,7 +199,7 @@ def markdown_table(result: dict) -> str:
         mark = " *" if r["scorer"] == "llama-perplexity" else ""
         lines.append(f"| {r['path']} | {r['file_mb']:.1f} | {r['decode_ms_per_token']:.2f} | {r['prefill_ms']:.1f} | "
                      f"{r['perplexity']:.3f}{mark} | {r['vs_fp32']:.3f}x |")
-    lines += ["", f"{settings['threads']} threads; decode: {settings['new_tokens']} tokens after a "
+    lines += ["", f"{settings['threads']} thread(s); decode: {settings['new_tokens']} tokens after a "
               f"{settings['prompt_tokens']}-token prompt; median of {settings['rounds']} interleaved rounds of "
               f"{settings['repeats']} repeats.",
               "Perplexity: ONNX rows on the held-out windows (every token of each window); * llama-perplexity on "
