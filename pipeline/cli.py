@@ -125,7 +125,7 @@ def _cmd_peers(args) -> int:
     from .bench.peers import compare
     from .config.loading import load_recipe
 
-    compare(load_recipe(args.recipe), out=args.out)
+    compare(load_recipe(args.recipe), out=args.out, threads=args.threads, rounds=args.rounds, repeats=args.repeats)
     return 0
 
 
@@ -178,10 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also heal on these texts (one column each), beside the calibration split")
     h.add_argument("--out", default=None, help="also write the rows as JSON here")
     h.set_defaults(func=_cmd_heal_sweep)
-    c = sub.add_parser("peers", help="what users run today (optimum + onnxruntime quantisation of the undropped "
-                       "model) vs the recipe's drop + quantisation: size, KV, perplexity, accuracy, decode ms/token")
-    c.add_argument("recipe", help="recipe whose drop, int8/int4 variants and validation data are compared")
+    c = sub.add_parser("peers", help="the recipe's fp32/int8/4-bit files against what users run today (optimum "
+                       "export, onnxruntime-genai's model builder, llama.cpp): size, decode and prefill time, "
+                       "held-out perplexity; builds the peers' environments once under the cache")
+    c.add_argument("recipe", help="recipe (packaged model) whose drop, int8/int4 variants and held-out data are used")
     c.add_argument("--out", default=None, help="also write the rows as JSON here")
+    c.add_argument("--threads", type=int, default=None, help="threads of every path (default: the recipe's "
+                   "validate.latency.threads)")
+    c.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: the recipe's)")
+    c.add_argument("--repeats", type=int, default=3, help="timed runs per path per round, after a warm-up")
     c.set_defaults(func=_cmd_peers)
     q = sub.add_parser("quant-sweep", help="4-bit quantisers side by side (source GGUF blocks, rtn, hqq, gptq, "
                        "mixed 4/8-bit) on the packaged weights and on off-grid weights: file MB, held-out perplexity")
