@@ -24,6 +24,15 @@ def test_default_recipe_parses_and_fills_defaults():
     assert parse_recipe(resolved) == r  # the resolved copy round-trips
 
 
+@pytest.mark.parametrize("name", ["gemma3-270m", "gemma3-270m-sweep"])
+def test_gemma3_recipes_parse_and_name_the_packaged_model(name):
+    from pipeline.model.loading import PACKAGED
+
+    r = load_recipe(f"recipes/{name}.yaml")
+    assert r.model.source == "packaged" and r.model.name in PACKAGED
+    assert parse_recipe(r.resolved()) == r
+
+
 def test_every_problem_reported_with_its_path(tmp_path):
     p = write(tmp_path, {"name": "x", "drop": {"attention": "many", "bogus": 1},
                          "validate": {"gates": {"min_top1_agreement": 2}}, "extra_block": {}})

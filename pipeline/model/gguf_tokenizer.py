@@ -77,7 +77,7 @@ def spm_bpe_tokenizer(vocab: dict):
     want = spm_bpe_encode(PROBE, tokens, vocab["scores"], types)
     if got != want:
         raise ModelError(f"the BPE tokenizer built from this GGUF vocabulary encodes a probe as {got[:12]}, but "
-                         f"SentencePiece-BPE merging gives {want[:12]}; the vocabulary is not what it claims.")
+                         f"SentencePiece-BPE merging gives {want[:12]}; this tokenizers version builds BPE differently.")
     return tokenizer
 
 
