@@ -81,7 +81,7 @@ def test_unsupported_architecture_names_it_and_the_supported_list(tmp_path):
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(folder)
-    with pytest.raises(ModelError, match=r"'gpt2' is not supported; supported: llama, mistral"):
+    with pytest.raises(ModelError, match=r"'gpt2' is not supported; supported: gemma3_text, llama, mistral"):
         load_model("hf", path=folder)
 
 
