@@ -71,7 +71,8 @@ def test_gemma3_scores_take_the_post_norm_inside_the_residual():
     with torch.no_grad():
         x = model.model.embed_tokens(ids)
         pos = torch.arange(ids.shape[1])[None]
-        ropes = {"full_attention": model.model.rotary_emb(x, pos), "sliding_attention": model.model.rotary_emb_local(x, pos)}
+        ropes = {"full_attention": model.model.rotary_emb(x, pos),
+                 "sliding_attention": model.model.rotary_emb_local(x, pos)}
         causal = torch.full((12, 12), float("-inf")).triu(1)
         window = torch.minimum(causal, torch.full((12, 12), float("-inf")).tril(-4))  # sees itself and 3 before
         masks = {"full_attention": causal, "sliding_attention": window}

@@ -86,7 +86,8 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma3_text": Adapter(
         "gemma3_text", gguf_arch="gemma3", attention_post_norm="post_attention_layernorm",
         mlp_norm="pre_feedforward_layernorm", mlp_post_norm="post_feedforward_layernorm",
-        rotary_local="model.rotary_emb_local", rope_keywords=("position_embeddings_global", "position_embeddings_local"),
+        rotary_local="model.rotary_emb_local",
+        rope_keywords=("position_embeddings_global", "position_embeddings_local"),
         layer_returns_tuple=True, mixed_attention=True),
 }
 

@@ -56,14 +56,16 @@ def spm_bpe_tokenizer(vocab: dict):
 
     tokens, types = vocab["tokens"], vocab["types"]
     name = {k: tokens[vocab[k]] if vocab[k] is not None else None for k in ("bos", "eos", "unk", "pad")}
-    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges_by_score(tokens, vocab["scores"], types),
-                                   unk_token=name["unk"], fuse_unk=True, byte_fallback=True))
+    merges = merges_by_score(tokens, vocab["scores"], types)
+    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token=name["unk"], fuse_unk=True,
+                                   byte_fallback=True))
     steps = [normalizers.Prepend(SPACE)] if vocab["space_prefix"] else []
     backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
     backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
                                          *([decoders.Strip(" ", 1, 0)] if vocab["space_prefix"] else [])])
     # llama.cpp cuts user-defined pieces (newline runs, space runs, HTML tags) out of the raw text before merging.
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == CONTROL])
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, k in zip(tokens, types) if k == CONTROL])
     backend.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
     edges = [t for t, wanted in ((name["bos"], vocab["add_bos"]), (name["eos"], vocab["add_eos"])) if wanted and t]
     if edges:
@@ -77,7 +79,8 @@ def spm_bpe_tokenizer(vocab: dict):
     want = spm_bpe_encode(PROBE, tokens, vocab["scores"], types)
     if got != want:
         raise ModelError(f"the BPE tokenizer built from this GGUF vocabulary encodes a probe as {got[:12]}, but "
-                         f"SentencePiece-BPE merging gives {want[:12]}; this tokenizers version builds BPE differently.")
+                         f"SentencePiece-BPE merging gives {want[:12]}; this tokenizers version builds BPE "
+                         "differently.")
     return tokenizer
 
 
