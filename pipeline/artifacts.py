@@ -68,6 +68,7 @@ class ModelInfo(Artifact):
     tie_word_embeddings: bool
     max_position_embeddings: int
     source: str  # where the figures were read: "config.json of <folder>" or "GGUF metadata of <file>"
+    fused_graph: bool = True  # the fused decoder export (export.graph: fused) can write this architecture
 
     @property
     def linear_input_widths(self) -> tuple[int, ...]:

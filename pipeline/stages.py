@@ -327,6 +327,7 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
         drop_plan.write(tmp)
     with stage("drop", timings):
         pruned = drop(loaded.model, drop_plan, loaded.tokenizer, tmp / "hf")
+        _copy_terms(loaded, tmp / "hf")
     data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
     healing = None
     if recipe.heal is None:
@@ -337,6 +338,7 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
     with stage("export", timings):
         exported = sc.cached(cache, "export", lambda: sc.export_key(recipe, loaded.source_sha256, tmp), tmp,
                              lambda: export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export), OnnxExport)
+        _copy_terms(loaded, tmp / "onnx")  # quantised variants copy the fp32 folder's files
         original_onnx = baseline_onnx(loaded, recipe.export)
     with stage("quantize", timings):
         variants = {"compressed": exported.path, **sc.cached(
@@ -362,6 +364,12 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
     return report
 
 
+def _copy_terms(loaded, folder: Path) -> None:
+    """The licence terms a model ships with go into every model folder made from it."""
+    for terms in loaded.terms:
+        shutil.copy2(terms, folder / terms.name)
+
+
 def _params_m(model) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
@@ -378,7 +386,8 @@ def _manifest(folder: Path, recipe: Recipe, loaded, variants: dict[str, Path], r
     from .rundir import sha256_json, write_manifest
 
     write_manifest(folder, {"name": recipe.name, "recipe_sha256": sha256_json(recipe.resolved()),
-                            "source_model": {"description": loaded.description, "sha256": loaded.source_sha256},
+                            "source_model": {"description": loaded.description, "sha256": loaded.source_sha256,
+                                             "terms": [t.name for t in loaded.terms]},
                             "variants": {name: str(path.relative_to(folder)) for name, path in variants.items()},
                             "passed": report.passed})
 

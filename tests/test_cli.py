@@ -86,7 +86,7 @@ def test_unsupported_gguf_architecture_fails_in_seconds_naming_it(tmp_path, caps
     assert main(["run", str(recipe)]) == 2
     assert time.perf_counter() - start < 30
     err = capsys.readouterr().err
-    assert "architecture 'phi3' (GGUF general.architecture) is not supported; supported: llama" in err
+    assert "architecture 'phi3' (GGUF general.architecture) is not supported; supported: gemma3_text, llama" in err
     assert not (tmp_path / "runs").exists()
 
 

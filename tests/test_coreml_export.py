@@ -110,6 +110,15 @@ def test_unpruned_has_four_kv_layers(unpruned_packages):
     assert unpruned_packages[0].states["value_cache_3"] == [1, 2, CTX, 16]
 
 
+def test_sliding_window_model_converts_with_state_only_for_kept_slots(tmp_path):
+    # tiny Gemma 3 (window 4): the traced wrapper applies each sliding layer's window itself (checked against the
+    # model on 6 tokens before converting); kept layers 1 (full) and 3 (sliding) get one state pair each
+    model = drop_sublayers(tiny_model("gemma3_text"), attention=[0, 2], mlp=[3])
+    [package] = export_coreml(model, tmp_path, CoreMLSpec(context_length=CTX))
+    assert package.states == {f"{kind}_cache_{slot}": [1, 2, CTX, 16] for slot in (0, 1) for kind in ("key", "value")}
+    assert package.op_counts["softmax"] == 2 and package.op_counts["write_state"] == 4
+
+
 def test_every_attention_dropped_refuses_stateful_but_exports_stateless(tmp_path):
     model = drop_sublayers(tiny_model("llama"), attention=[0, 1, 2, 3], mlp=[])
     with pytest.raises(ExportError, match="stateful: false") as info:

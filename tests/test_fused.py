@@ -39,7 +39,7 @@ def _trace_error(model, path, quantizer=None):
     return compare_traces(reference, got), lm
 
 
-@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+@pytest.mark.parametrize("arch", sorted(a for a, ad in ADAPTERS.items() if ad.fused_graph))
 def test_pruned_fused_graph_matches_pytorch(arch, tmp_path):
     model = drop_sublayers(tiny_model(arch), attention=[1], mlp=[2])
     export = export_fused(model, tmp_path)
@@ -50,6 +50,13 @@ def test_pruned_fused_graph_matches_pytorch(arch, tmp_path):
     windows = np.random.default_rng(0).integers(3, 256, (2, 24))
     assert perplexity(lm, windows)["perplexity"] == pytest.approx(
         perplexity(TorchLM(model), windows)["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(a for a, ad in ADAPTERS.items() if not ad.fused_graph))
+def test_architectures_without_a_fused_layout_are_refused(arch, tmp_path):
+    with pytest.raises(ExportError, match=f"cannot write {arch} models.*export.graph: optimum"):
+        export_fused(tiny_model(arch), tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_fused_graph_has_one_attention_node_per_kept_layer_and_stores_the_table_once(tmp_path):

@@ -102,6 +102,22 @@ def test_genai_generates_like_pytorch(pruned, tmp_path):
     assert _genai_greedy(folder, prompt, NEW_TOKENS) == want.tolist()
 
 
+def test_genai_runs_a_sliding_window_model_like_pytorch(tmp_path):
+    """Tiny Gemma 3 (window 4, no position_ids input): genai's greedy tokens on a 20-token prompt equal PyTorch's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = save_tiny_folder(tmp_path / "hf", arch="gemma3_text", texts=[synthetic_text(0)])
+    model = drop_sublayers(AutoModelForCausalLM.from_pretrained(folder).eval(), attention=[0, 2], mlp=[])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    genai = write_genai_folder(export_onnx(model, tmp_path / "fp32").path, model.config, tokenizer, tmp_path / "genai")
+    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert len(prompt) > 2 * model.config.sliding_window
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):]
+    assert _genai_greedy(genai, prompt, NEW_TOKENS) == want.tolist()
+
+
 def test_genai_runs_the_int4_graph_like_onnxruntime(pruned, tmp_path):
     """Same file, same onnxruntime: genai's greedy tokens equal OnnxLM's, so genai wires KV and masks right."""
     model, tokenizer, _, int4 = pruned

@@ -24,6 +24,15 @@ def test_default_recipe_parses_and_fills_defaults():
     assert parse_recipe(resolved) == r  # the resolved copy round-trips
 
 
+@pytest.mark.parametrize("name", ["gemma3-270m", "gemma3-270m-sweep"])
+def test_gemma3_recipes_parse_and_name_the_packaged_model(name):
+    from pipeline.model.loading import PACKAGED
+
+    r = load_recipe(f"recipes/{name}.yaml")
+    assert r.model.source == "packaged" and r.model.name in PACKAGED
+    assert parse_recipe(r.resolved()) == r
+
+
 def test_every_problem_reported_with_its_path(tmp_path):
     p = write(tmp_path, {"name": "x", "drop": {"attention": "many", "bogus": 1},
                          "validate": {"gates": {"min_top1_agreement": 2}}, "extra_block": {}})
@@ -96,6 +105,18 @@ def test_coreml_and_tied_table_problems_come_from_the_model_config():
         update={"coreml": None})}), smollm2_info())
     check_recipe(parse_recipe({"name": "x", "quantize": [{"kind": "onnx-int4", "quantize_lm_head": False}]}),
                  smollm2_info(tie_word_embeddings=False))  # untied: two tables anyway
+
+
+def test_fused_graph_of_an_architecture_it_cannot_write_is_refused_up_front():
+    from conftest import tiny_config
+    from pipeline.model.loading import info_from_config
+
+    gemma = info_from_config(tiny_config("gemma3_text"))
+    assert not gemma.fused_graph and info_from_config(tiny_config("qwen3")).fused_graph
+    with pytest.raises(RecipeError, match=r"export.graph: fused cannot write gemma3_text models.*graph: optimum"):
+        check_recipe(parse_recipe({"name": "x"}), gemma)
+    for name in ("gemma3-270m", "gemma3-270m-sweep"):
+        check_recipe(load_recipe(f"recipes/{name}.yaml"), gemma)
 
 
 def test_schema_is_strict_and_documented():

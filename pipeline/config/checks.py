@@ -121,8 +121,15 @@ def unready_targets(targets: list) -> list[str]:
 
 
 def model_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
-    return [*_drop_problems(recipe, info), *coreml_problems(recipe.export.coreml, info),
-            *_tied_table_problems(recipe, info)]
+    return [*_drop_problems(recipe, info), *_fused_problems(recipe, info),
+            *coreml_problems(recipe.export.coreml, info), *_tied_table_problems(recipe, info)]
+
+
+def _fused_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
+    if recipe.export.graph != "fused" or info.fused_graph:
+        return []
+    return [f"export.graph: fused cannot write {info.model_type} models (the fused decoder graph has no layout for "
+            "this architecture); set export: {graph: optimum}"]
 
 
 def _drop_problems(recipe: Recipe, info: ModelInfo) -> list[str]:

@@ -22,7 +22,8 @@ class ModelSpec(Block):
     source: Literal["packaged", "hf", "gguf"] = Field(
         "packaged", description="packaged: a model shipped in a Python package; hf: a local Hugging Face "
         "folder (safetensors only); gguf: a local .gguf file.")
-    name: str | None = Field("smollm2-135m", description="Packaged model name (source: packaged).")
+    name: str | None = Field("smollm2-135m", description="Packaged model name (source: packaged): smollm2-135m "
+                             "or gemma3-270m.")
     path: RecipePath | None = Field(None, description="Folder (hf) or .gguf file (gguf), relative to the recipe.")
 
     @model_validator(mode="after")

@@ -77,6 +77,9 @@ def export_fused(model, out_dir: Path, quantizer: Quantizer | None = None, accur
     from .onnx import save_onnx
 
     ad, config = adapter_for(model.config), model.config
+    if not ad.fused_graph:
+        raise ExportError(f"the fused export cannot write {config.model_type} models (their norms, activation or "
+                          "rotary embeddings have no fused layout); export with export.graph: optimum")
     act = ACTIVATIONS.get(getattr(config, "hidden_act", None))
     if act is None:
         raise ExportError(f"the fused export supports the MLP activations {sorted(ACTIVATIONS)}, not "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..artifacts import OnnxExport
 from ..errors import ExportError
-from ..model.prune import kept_attention_layers
+from ..model.prune import kept_attention_layers, kv_config as kv_config_of
 
 TASK = "text-generation-with-past"
 ONNX_NAME = "model.onnx"
@@ -21,10 +21,13 @@ MIN_OPSET = 15
 LOGITS_RTOL = 1e-3
 
 
-def expected_names(kv_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The input and output names ORTModelForCausalLM expects for `kv_layers` KV slots."""
+def expected_names(kv_layers: int, position_ids: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The input and output names ORTModelForCausalLM expects for `kv_layers` KV slots. optimum gives some
+    families (Gemma) no position_ids input: positions then count from the first (padding) column, a constant
+    shift per row that rotary attention does not see."""
     slots = [f"{i}.{kind}" for i in range(kv_layers) for kind in ("key", "value")]
-    return (("input_ids", "attention_mask", "position_ids", *(f"past_key_values.{s}" for s in slots)),
+    positions = ("position_ids",) if position_ids else ()
+    return (("input_ids", "attention_mask", *positions, *(f"past_key_values.{s}" for s in slots)),
             ("logits", *(f"present.{s}" for s in slots)))
 
 
@@ -38,10 +41,10 @@ def export_onnx(model, out_dir: Path, opset: int = 18) -> OnnxExport:
     if kv_layers == 0:
         raise ExportError("every attention layer is dropped, so the model has no KV cache to export; "
                           "keep at least one attention layer in the drop plan.")
-    _run_optimum(model, out_dir, opset, kv_layers)
+    position_ids = _run_optimum(model, out_dir, opset)
     path = out_dir / ONNX_NAME
     inputs, outputs = _graph_names(path)
-    want_in, want_out = expected_names(kv_layers)
+    want_in, want_out = expected_names(kv_layers, position_ids)
     if (inputs, outputs) != (want_in, want_out):
         raise ExportError(f"exported graph has inputs {inputs} and outputs {outputs}; expected {want_in} and "
                           f"{want_out} for {kv_layers} kept attention layers. Check the optimum/transformers versions.")
@@ -51,7 +54,8 @@ def export_onnx(model, out_dir: Path, opset: int = 18) -> OnnxExport:
     return OnnxExport(path, kv_layers, inputs, outputs)
 
 
-def _run_optimum(model, out_dir: Path, opset: int, kv_layers: int) -> None:
+def _run_optimum(model, out_dir: Path, opset: int) -> bool:
+    """Export with optimum; whether its config for this family gives the graph a position_ids input."""
     from optimum.exporters.onnx import onnx_export_from_model
     from optimum.exporters.tasks import TasksManager
 
@@ -59,8 +63,7 @@ def _run_optimum(model, out_dir: Path, opset: int, kv_layers: int) -> None:
     work = copy.deepcopy(model)
     # The OnnxConfig sizes its KV inputs/outputs and dummy cache from the normalized num_layers, which
     # reads config.num_hidden_layers; only this copy, seen by the OnnxConfig alone, holds the kept count.
-    kv_config = copy.deepcopy(work.config)
-    kv_config.num_hidden_layers = kv_layers
+    kv_config = kv_config_of(work)
     try:
         constructor = TasksManager.get_exporter_config_constructor(
             "onnx", model=work, task=TASK, library_name="transformers")
@@ -71,6 +74,7 @@ def _run_optimum(model, out_dir: Path, opset: int, kv_layers: int) -> None:
     except Exception as e:
         raise ExportError(f"optimum could not export this {model.config.model_type} model to ONNX "
                           f"(opset {opset}): {e}. Try another opset, or check the installed versions.") from e
+    return "position_ids" in onnx_config.inputs
 
 
 def _graph_names(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -170,6 +174,7 @@ def _check_logits(model, path: Path) -> None:
         want = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    feed = {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}}
     for i in session.get_inputs():
         if i.name.startswith("past_key_values"):
             feed[i.name] = np.zeros((len(ids), i.shape[1], 0, i.shape[3]), np.float32)
