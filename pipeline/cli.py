@@ -27,6 +27,14 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_heads(args) -> int:
+    from .config.loading import load_recipe
+    from .stages import heads
+
+    heads(load_recipe(args.recipe), out=args.out)
+    return 0
+
+
 def _cmd_schema(args) -> int:
     from .config.recipe import Recipe
 
@@ -100,7 +108,7 @@ def _cmd_targets(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimformer", description="Compress a transformer LM for phones: score and "
-                                "drop sublayers, heal, quantise, export (ONNX, .ort, onnxruntime-genai, Core ML) "
+                                "drop sublayers and attention heads, heal, quantise, export (ONNX, .ort, onnxruntime-genai, Core ML) "
                                 "and validate against the original.")
     p.add_argument("--verbose", action="store_true", help="show library output (exporter warnings, onnxruntime "
                    "logs) on the terminal instead of only in the run's log file")
@@ -108,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the whole pipeline on a recipe and write a run folder")
     r.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/smollm2-135m.yaml")
     r.set_defaults(func=_cmd_run)
+    a = sub.add_parser("heads", help="analyse every attention head (importance, attention distance and entropy, "
+                       "redundancy) and write heads.json with heat maps; shows the groups a head drop would remove")
+    a.add_argument("recipe", help="recipe whose model, calibration data and `heads` / `drop` blocks are used")
+    a.add_argument("--out", default=None, help="folder to write (default: <output.dir>/<name>-heads-<time>)")
+    a.set_defaults(func=_cmd_heads)
     s = sub.add_parser("schema", help="print the recipe JSON Schema (for editor completion and checks)")
     s.set_defaults(func=_cmd_schema)
     d = sub.add_parser("docs", help="print (or write) the recipe reference generated from the schema")

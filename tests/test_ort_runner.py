@@ -48,7 +48,7 @@ def _assert_parity(model, lm):
 
 def test_kv_layout(exported):
     _, lm = exported
-    assert (lm.kv_layers, lm.kv_heads, lm.head_dim, lm.kv_dtype) == (4, 2, 16, np.float32)
+    assert (lm.kv_layers, set(lm.kv_shapes.values()), lm.kv_dtype) == (4, {(2, 16)}, np.float32)
     assert kv_bytes_per_token(lm) == 2 * 4 * 2 * 16 * 4
     assert lm.empty_past(3)["past_key_values.0.key"].shape == (3, 2, 0, 16)
 
@@ -64,6 +64,20 @@ def test_greedy_trace_matches_torch_pruned(tmp_path):
     model = drop_sublayers(tiny_model("llama"), attention=[1, 2], mlp=[])
     lm = OnnxLM(export_onnx(model, tmp_path).path, threads=1)
     assert lm.kv_layers == 2
+    _assert_parity(model, lm)
+
+
+def test_head_pruned_graph_has_per_layer_kv_and_matches_torch(tmp_path):
+    """KV bytes per token sum each layer's own KV heads; the cached decode under left padding is exact."""
+    from pipeline.export.onnx import export_onnx
+    from pipeline.model.prune import drop_sublayers
+    from pipeline.model.prune_heads import prune_heads
+
+    model = prune_heads(drop_sublayers(tiny_model("llama"), attention=[1], mlp=[]), {0: [0], 3: [1]}, {2: [0, 3]})
+    lm = OnnxLM(export_onnx(model, tmp_path).path, threads=1)
+    assert [lm.kv_shapes[f"past_key_values.{i}.key"] for i in range(3)] == [(1, 16), (2, 16), (1, 16)]
+    assert kv_bytes_per_token(lm) == 2 * (1 + 2 + 1) * 16 * 4
+    assert lm.empty_past(2)["past_key_values.1.value"].shape == (2, 2, 0, 16)
     _assert_parity(model, lm)
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import left_padded_batch, tiny_model
 from pipeline.model.adapters import ADAPTERS
 from pipeline.model.prune import drop_sublayers
-from pipeline.model.plan import kept_after
+from pipeline.config.checks import kept_after
 from pipeline.model.prune_heads import kept_heads, kv_heads_per_layer, prune_heads, query_heads_per_layer
 from test_prune import greedy_without_cache
 

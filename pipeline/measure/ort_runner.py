@@ -41,16 +41,18 @@ class OnnxLM:
         past = [n for n in inputs if _PAST.match(n)]
         # key before value within a slot, slots in numeric order (not string order: 10 < 2)
         self.past_names = sorted(past, key=lambda n: (int(_PAST.match(n)[1]), _PAST.match(n)[2] != "key"))
-        self.kv_heads = self.head_dim = 0
+        # (kv_heads, head_dim) per past input: head-pruned layers keep fewer KV heads than others
+        self.kv_shapes = {}
         self.kv_dtype = np.dtype(np.float32)
-        if self.past_names:
-            first = inputs[self.past_names[0]]
-            self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
-            if not (isinstance(self.kv_heads, int) and isinstance(self.head_dim, int)):
-                raise ValueError(f"{first.name} has shape {first.shape}; expected static kv_heads and head_dim")
-            if first.type not in _KV_DTYPES:
-                raise ValueError(f"{first.name} has type {first.type}; expected one of {sorted(_KV_DTYPES)}")
-            self.kv_dtype = np.dtype(_KV_DTYPES[first.type])
+        for name in self.past_names:
+            past = inputs[name]
+            heads, head_dim = past.shape[1], past.shape[3]
+            if not (isinstance(heads, int) and isinstance(head_dim, int)):
+                raise ValueError(f"{name} has shape {past.shape}; expected static kv_heads and head_dim")
+            if past.type not in _KV_DTYPES:
+                raise ValueError(f"{name} has type {past.type}; expected one of {sorted(_KV_DTYPES)}")
+            self.kv_shapes[name] = (heads, head_dim)
+            self.kv_dtype = np.dtype(_KV_DTYPES[past.type])
         vocab = next((o.shape[-1] for o in self.session.get_outputs() if o.name == "logits"), None)
         self.vocab_size = vocab if isinstance(vocab, int) else None
 
@@ -59,8 +61,8 @@ class OnnxLM:
         return len(self.past_names) // 2
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.kv_heads, 0, self.head_dim)
-        return {name: np.zeros(shape, self.kv_dtype) for name in self.past_names}
+        return {name: np.zeros((batch, heads, 0, head_dim), self.kv_dtype)
+                for name, (heads, head_dim) in self.kv_shapes.items()}
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         """(logits [batch, seq, vocab], present keyed by the past input names, ready to feed back)."""
@@ -76,8 +78,9 @@ class OnnxLM:
 
 
 def kv_bytes_per_token(lm: OnnxLM) -> int:
-    """Bytes of KV cache one token adds at batch 1 (keys and values of every kept attention layer)."""
-    return 2 * lm.kv_layers * lm.kv_heads * lm.head_dim * lm.kv_dtype.itemsize
+    """Bytes of KV cache one token adds at batch 1: the keys and values of every kept attention layer, each
+    layer with its own KV head count."""
+    return sum(heads * head_dim for heads, head_dim in lm.kv_shapes.values()) * lm.kv_dtype.itemsize
 
 
 def _target_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ No torch here, so every rule (ranking, ties, limits, grouped-attention shapes) i
 from __future__ import annotations
 
 from ..artifacts import DropPlan, HeadPlan, HeadScores, Scores
+from ..config.checks import kept_after
 from ..errors import RecipeError
 
 
@@ -45,26 +46,6 @@ def kv_bytes_per_token(attention_layers: int, kv_heads: int, head_dim: int, byte
 
 
 # ---------------------------------------------------------------- heads
-
-def kept_after(n_query: int, n_kv: int, groups, query) -> tuple[list[int], list[int]]:
-    """(kept query heads, kept KV heads) of a layer with `n_query` / `n_kv` heads after removing KV `groups`
-    and `query` heads. ValueError when an index is out of range, no group would stay, or kept groups would keep
-    different numbers of query heads (grouped attention repeats each KV head for a fixed number of them)."""
-    per_group = n_query // n_kv
-    bad = [g for g in groups if not 0 <= g < n_kv] + [h for h in query if not 0 <= h < n_query]
-    if bad:
-        raise ValueError(f"head indices {sorted(bad)} out of range ({n_query} query heads, {n_kv} KV heads)")
-    kv = [g for g in range(n_kv) if g not in set(groups)]
-    if not kv:
-        raise ValueError(f"removing every KV group ({n_kv}) removes the attention sublayer; drop it as a sublayer "
-                         "(drop.attention) instead")
-    q = [h for h in range(n_query) if h // per_group in kv and h not in set(query)]
-    counts = {g: sum(1 for h in q if h // per_group == g) for g in kv}
-    if len(set(counts.values())) != 1 or 0 in counts.values():
-        raise ValueError(f"kept KV groups would keep {counts} query heads; grouped attention needs the same "
-                         "number (at least one) in every kept group")
-    return q, kv
-
 
 def plan_heads(scores: HeadScores, heads: int | dict[int, list[int]] = 0, query_heads: dict | None = None,
                dropped_attention=()) -> HeadPlan:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 
 from .adapters import adapter_for, decoder_layers
-from .plan import kept_after
+from ..config.checks import kept_after
 
 CONFIG_KEY = "slimformer_heads"
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")  # set where an architecture's module keeps them
