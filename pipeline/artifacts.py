@@ -114,10 +114,11 @@ class HeadScores(Artifact):
 
     Per-head lists are [layer][query head] in the model's current numbering; a layer without attention has
     empty lists. importance: mean of 1 - cos(Y, Y without the head) over tokens, Y = X + Attn(Norm(X));
-    group_importance: the same with every query head of one KV group zeroed, [layer][group]. distance: mean
-    query-key distance in tokens under the attention probabilities; entropy: of those probabilities, in nats;
-    sink: the probability mass on each window's first token. similarity: [layer][head][head], cosine between
-    two heads' contributions to the residual stream over all tokens (redundancy)."""
+    group_importance: the same with every query head of one KV group zeroed, [layer][group]. sink: the attention
+    probability on each window's first token (where heads park attention they do not use); distance: mean
+    query-key distance in tokens of the rest of the attention; entropy: of the probabilities, in nats.
+    similarity: [layer][head][head], cosine between two heads' contributions to the residual stream over all
+    tokens (redundancy)."""
 
     model: str
     metric: str

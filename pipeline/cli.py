@@ -90,6 +90,14 @@ def _cmd_heal_sweep(args) -> int:
     return 0
 
 
+def _cmd_heads_sweep(args) -> int:
+    from .bench.heads_sweep import heads_sweep
+    from .config.loading import load_recipe
+
+    heads_sweep(load_recipe(args.recipe), counts=args.counts, seed=args.seed, out=args.out)
+    return 0
+
+
 def _cmd_peers(args) -> int:
     from .bench.peers import compare
     from .config.loading import load_recipe
@@ -143,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also heal on these texts (one column each), beside the calibration split")
     h.add_argument("--out", default=None, help="also write the rows as JSON here")
     h.set_defaults(func=_cmd_heal_sweep)
+    hs = sub.add_parser("heads-sweep", help="perplexity / accuracy vs KV groups removed (ranked and at random), "
+                        "against attention sublayer drops that remove the same KV bytes")
+    hs.add_argument("recipe", help="recipe whose model, calibration, heads and validation settings the sweep uses")
+    hs.add_argument("--counts", type=int, nargs="+", default=[3, 6, 9, 12, 18])
+    hs.add_argument("--seed", type=int, default=0, help="seed of the random-groups baseline")
+    hs.add_argument("--out", default=None, help="also write the rows as JSON here")
+    hs.set_defaults(func=_cmd_heads_sweep)
     c = sub.add_parser("peers", help="what users run today (optimum + onnxruntime quantisation of the undropped "
                        "model) vs the recipe's drop + quantisation: size, KV, perplexity, accuracy, decode ms/token")
     c.add_argument("recipe", help="recipe whose drop, int8/int4 variants and validation data are compared")

@@ -64,7 +64,9 @@ def test_attention_figures_match_eager_probabilities(model_and_scores):
     back = np.clip(np.arange(t)[:, None] - np.arange(t)[None, :], 0, None)
     for layer, p in enumerate(probs):
         p = p.double().numpy()  # [batch, heads, query, key]
-        np.testing.assert_allclose(scores.distance[layer], (p * back).sum(-1).mean((0, 2)), rtol=1e-4)
+        off_sink = p[..., 1:]  # the first token's share is `sink`; distance is over the rest
+        np.testing.assert_allclose(scores.distance[layer], (off_sink * back[:, 1:]).sum((0, 2, 3)) / off_sink.sum(
+            (0, 2, 3)), rtol=1e-4)
         entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(-1).mean((0, 2))
         np.testing.assert_allclose(scores.entropy[layer], entropy, rtol=1e-4)
         np.testing.assert_allclose(scores.sink[layer], p[..., 0].mean((0, 2)), rtol=1e-4)

@@ -130,6 +130,18 @@ def test_sweep_measures_each_variant(tiny_project, tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == rows
 
 
+def test_heads_sweep_compares_ranked_random_and_sublayer_drops(tiny_project, tmp_path):
+    from pipeline.bench.heads_sweep import heads_sweep
+
+    rows = heads_sweep(load_recipe(tiny_project), counts=[1, 2], out=str(tmp_path / "heads.json"))
+    assert [(r["variant"], r["kv_groups_removed"]) for r in rows] == [
+        ("none", 0), ("heads", 1), ("heads, random", 1), ("heads", 2), ("heads, random", 2), ("attention", 2)]
+    assert [r["kv_heads"] for r in rows] == [8, 7, 7, 6, 6, 6]  # 4 layers x 2 KV heads
+    assert len(rows[-1]["attention_dropped"]) == 1 and len(rows[3]["groups"]) == 2
+    assert all(np.isfinite(r["perplexity"]) for r in rows)
+    assert json.loads((tmp_path / "heads.json").read_text())["rows"] == rows
+
+
 def test_quantised_variants_and_mobile_packages_in_one_run(tiny_project):
     data = yaml.safe_load(tiny_project.read_text())
     data["quantize"] = [{"kind": "onnx-int8"}, {"kind": "onnx-int4", "block_size": 16}, {"kind": "onnx-fp16"}]

@@ -53,7 +53,7 @@ def plot_heads(scores: HeadScores, plan: HeadPlan | None, path: Path) -> Path:
     panels = [("KV group importance (log)", _grid(scores.group_importance), True),
               ("head importance (log)", _grid(scores.importance), True),
               ("first-token (sink) share", _grid(scores.sink), False),
-              (f"mean attention distance (tokens, window {scores.seq_len})", _grid(scores.distance), False),
+              (f"mean distance, first token aside (tokens; window {scores.seq_len})", _grid(scores.distance), False),
               ("attention entropy (nats)", _grid(scores.entropy), False),
               ("redundancy: max cosine to another head", _grid(scores.redundancy), False)]
     marks = {0: [(layer, g) for layer, gs in (plan.kv_groups.items() if plan else ()) for g in gs],
@@ -75,7 +75,7 @@ def plot_heads(scores: HeadScores, plan: HeadPlan | None, path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"Attention heads, {scores.model} ({scores.tokens} calibration tokens); x: removed", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -93,8 +93,8 @@ def findings(scores: HeadScores) -> list[str]:
     lines = ["- least important KV groups (layer.group: score): "
              + ", ".join(f"{layer}.{g}: {s:.2e}" for s, layer, g in groups[:8]),
              "- most important: " + ", ".join(f"{layer}.{g}: {s:.2e}" for s, layer, g in groups[::-1][:4]),
-             f"- {len(local)} of {len(heads)} heads look at the last few tokens (mean distance < {LOCAL_TOKENS:g}), in "
-             f"layers {_layers(local)}; {len(sinks)} put over {SINK_SHARE:.0%} of their attention on the first token "
+             f"- {len(local)} of {len(heads)} heads look at the last few tokens (mean distance < {LOCAL_TOKENS:g}, "
+             f"first token aside), in layers {_layers(local)}; {len(sinks)} put over {SINK_SHARE:.0%} of their attention on the first token "
              f"(layers {_layers(sinks)})"]
     if pair is not None:
         lines.append(f"- most alike pair: layer {pair[1]}, heads {pair[2]} and {pair[3]} (cosine {pair[0]:.2f}); "

@@ -1,5 +1,5 @@
 """Head analysis: one pass over calibration windows measures every attention head's importance, where it looks
-(mean query-key distance, entropy, first-token share) and how alike heads' outputs are (redundancy).
+(first-token share, mean query-key distance of the rest, entropy) and how alike heads' outputs are (redundancy).
 
 Importance is the paper's cosine form applied to a head: S_h = mean over tokens of 1 - cos(Y, Y_-h), where
 Y = X + Attn(Norm(X)) is the residual stream after the sublayer and Y_-h is Y with head h's output zeroed (for a
@@ -42,23 +42,21 @@ class _LayerSums:
         self.heads, self.groups = heads, groups
         self.importance = torch.zeros(heads, **zeros)
         self.group_importance = torch.zeros(groups, **zeros)
-        self.distance, self.entropy, self.sink = (torch.zeros(heads, **zeros) for _ in range(3))
+        # distance is summed over attention that skips the first token, weighted by that mass (`off_sink`)
+        self.distance, self.off_sink, self.entropy, self.sink = (torch.zeros(heads, **zeros) for _ in range(4))
         self.gram = torch.zeros(heads, heads, **zeros)
 
     def add(self, x, out, contrib, probs, post, mask) -> None:
-        """x, out: [b, t, d] sublayer input and output; contrib: [b, t, h, d] each head's part of `out`;
+        """x, out: [n, d] sublayer input and output over n tokens; contrib: [h, n, d] each head's part of `out`;
         probs: [b, h, t, t]; post: the norm after the sublayer (or identity); mask: [b, t] float64."""
-        import torch
-
-        b, t, h, d = contrib.shape
+        h, n, d = contrib.shape
+        weights = mask.reshape(n)
         y = x + post(out)
-        drop_head = x.unsqueeze(2) + post(out.unsqueeze(2) - contrib)
-        self.importance += torch.einsum("bth,bt->h", _one_minus_cos(y.unsqueeze(2), drop_head).double(), mask)
-        per_group = contrib.reshape(b, t, self.groups, h // self.groups, d).sum(3)
-        drop_group = x.unsqueeze(2) + post(out.unsqueeze(2) - per_group)
-        self.group_importance += torch.einsum("btg,bt->g", _one_minus_cos(y.unsqueeze(2), drop_group).double(), mask)
-        masked = contrib.double() * mask[:, :, None, None].sqrt()
-        self.gram += torch.einsum("bthd,btkd->hk", masked, masked)
+        self.importance += (_one_minus_cos(y, x + post(out - contrib)).double() * weights).sum(-1)
+        per_group = contrib.reshape(self.groups, h // self.groups, n, d).sum(1)
+        self.group_importance += (_one_minus_cos(y, x + post(out - per_group)).double() * weights).sum(-1)
+        flat = (contrib * weights.to(contrib.dtype)[:, None]).reshape(h, n * d)  # mask is 0/1: one factor will do
+        self.gram += (flat @ contrib.reshape(h, n * d).T).double()
         self._add_attention(probs, mask)
 
     def _add_attention(self, probs, mask) -> None:
@@ -69,10 +67,16 @@ class _LayerSums:
         back = (pos[:, None] - pos[None, :]).clamp(min=0)  # query i looks j tokens back; causal: j <= i
         first = mask.argmax(-1)  # each row's first real token (left padding)
         weights = mask.unsqueeze(1)  # [b, 1, t]: queries that are real tokens
-        self.distance += ((probs * back).sum(-1).double() * weights).sum((0, 2))
+        sink = probs.gather(-1, first[:, None, None, None].expand(*probs.shape[:-1], 1))[..., 0]  # [b, h, t]
+        to_first = (pos[None, :] - first[:, None].to(pos.dtype)).clamp(min=0)[:, None, :]  # [b, 1, t]
+        # A sink is a no-op parked on the first token; its distance would only measure the query's position.
+        self.distance += (((probs * back).sum(-1) - sink * to_first).double() * weights).sum((0, 2))
+        self.off_sink += ((1 - sink).double() * weights).sum((0, 2))
         self.entropy += (-torch.special.xlogy(probs, probs).sum(-1).double() * weights).sum((0, 2))
-        sink = probs.gather(-1, first[:, None, None, None].expand(*probs.shape[:-1], 1))[..., 0]
         self.sink += (sink.double() * weights).sum((0, 2))
+
+    def mean_distance(self):
+        return self.distance / self.off_sink.clamp(min=1e-300)
 
     def similarity(self):
         norm = self.gram.diagonal().clamp(min=1e-300).sqrt()
@@ -112,11 +116,14 @@ class _Recorder:
             if probs is None:
                 raise RuntimeError("the attention kernel returned no probabilities; head analysis needs eager attention")
             sums, z = self.sums[i], self._z.pop(i).float()
-            hd = z.shape[-1] // sums.heads
-            w = o_proj.weight.float().reshape(o_proj.out_features, sums.heads, hd)
-            contrib = torch.einsum("bthe,dhe->bthd", z.reshape(*z.shape[:-1], sums.heads, hd), w)
+            d, hd = o_proj.out_features, z.shape[-1] // sums.heads
+            # head h's part of the output: its slice of o_proj's input times its columns of o_proj's weight
+            z = z.reshape(-1, sums.heads, hd).transpose(0, 1)  # [h, n, hd]
+            w = o_proj.weight.float().reshape(d, sums.heads, hd).permute(1, 2, 0)  # [h, hd, d]
+            contrib = torch.bmm(z, w)  # [h, n, d]
             post = (lambda t: t) if post_norm is None else (lambda t: post_norm(t).float())
-            sums.add(self._x.pop(i).float(), out.float(), contrib, probs.float(), post, self.mask)
+            sums.add(self._x.pop(i).float().reshape(-1, d), out.float().reshape(-1, d), contrib, probs.float(), post,
+                     self.mask)
         return hook
 
     def close(self):
@@ -161,13 +168,13 @@ def _sig(value: float) -> float:
 
 
 def _scores(sums: dict, n_layers: int, tokens: int, seq_len: int, name: str) -> HeadScores:
-    def per_layer(field):
-        return tuple(tuple(_sig(float(v) / tokens) for v in getattr(sums[i], field)) if i in sums else ()
-                     for i in range(n_layers))
+    def per_layer(figure):
+        return tuple(tuple(_sig(float(v)) for v in figure(sums[i])) if i in sums else () for i in range(n_layers))
 
-    similarity = tuple(tuple(tuple(_sig(float(v)) for v in row) for row in sums[i].similarity())
-                       if i in sums else () for i in range(n_layers))
     return HeadScores(model=name, metric=METRIC, tokens=tokens, seq_len=seq_len,
-                      importance=per_layer("importance"), group_importance=per_layer("group_importance"),
-                      distance=per_layer("distance"), entropy=per_layer("entropy"), sink=per_layer("sink"),
-                      similarity=similarity)
+                      importance=per_layer(lambda s: s.importance / tokens),
+                      group_importance=per_layer(lambda s: s.group_importance / tokens),
+                      distance=per_layer(_LayerSums.mean_distance), entropy=per_layer(lambda s: s.entropy / tokens),
+                      sink=per_layer(lambda s: s.sink / tokens),
+                      similarity=tuple(tuple(tuple(_sig(float(v)) for v in row) for row in sums[i].similarity())
+                                       if i in sums else () for i in range(n_layers)))

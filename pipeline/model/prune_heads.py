@@ -115,8 +115,9 @@ def restore_heads_inplace(model):
     """After `from_pretrained` of a head-pruned folder (full-size attention built from config), cut every
     recorded layer back to its kept heads; the caller then loads the saved (smaller) tensors into them."""
     ad = adapter_for(model.config)
-    attns = _attention_modules(model)
+    attns, sizes = _attention_modules(model), list(zip(query_heads_per_layer(model), kv_heads_per_layer(model)))
     for layer, kept in kept_heads(model).items():
-        if attns[layer] is not None:
+        # a layer already at its kept sizes was restored before (or saved unpruned): nothing to cut
+        if attns[layer] is not None and sizes[layer] != (len(kept["query"]), len(kept["kv"])):
             _prune_attention(attns[layer], ad, kept["query"], kept["kv"])
     return model
