@@ -116,7 +116,8 @@ def _cmd_targets(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimformer", description="Compress a transformer LM for phones: score and "
-                                "drop sublayers and attention heads, heal, quantise, export (ONNX, .ort, onnxruntime-genai, Core ML) "
+                                "drop sublayers and attention heads, heal, quantise, export (ONNX, .ort, "
+                                "onnxruntime-genai, Core ML) "
                                 "and validate against the original.")
     p.add_argument("--verbose", action="store_true", help="show library output (exporter warnings, onnxruntime "
                    "logs) on the terminal instead of only in the run's log file")

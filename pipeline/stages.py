@@ -294,7 +294,8 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
         scores.write(tmp)
     head_scores = head_plan = None
     if recipe.heads is None and not recipe.drop.prunes_heads:
-        console.skipped(STAGES.index("heads") + 1, len(STAGES), "heads", "the recipe neither analyses nor removes heads")
+        console.skipped(STAGES.index("heads") + 1, len(STAGES), "heads",
+                        "the recipe neither analyses nor removes heads")
     else:
         with stage("heads", timings):
             head_scores = analyse_heads(loaded.model, loaded.tokenizer, recipe, loaded.description)

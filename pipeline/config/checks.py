@@ -126,7 +126,8 @@ def _head_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
     d, n, kv = recipe.drop, info.num_layers, info.num_kv_heads
     groups = d.heads if isinstance(d.heads, dict) else {}
     problems = [f"drop.{field}: layer {layer} is out of range for a {n}-layer model (layers 0..{n - 1})"
-                for field, table in (("heads", groups), ("query_heads", d.query_heads)) for layer in table if layer >= n]
+                for field, table in (("heads", groups), ("query_heads", d.query_heads))
+                for layer in table if layer >= n]
     if not isinstance(d.heads, dict) and d.heads:
         with_attention = n - d.attention - d.blocks
         limit = max(with_attention, 0) * (kv - 1)

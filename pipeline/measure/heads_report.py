@@ -42,8 +42,8 @@ def removed_query_heads(scores: HeadScores, plan: HeadPlan | None) -> list[tuple
 
 
 def plot_heads(scores: HeadScores, plan: HeadPlan | None, path: Path) -> Path:
-    """Six heat maps (two rows of three), layers down, heads across: KV-group and head importance (log colour), first-token share,
-    mean attention distance, entropy, redundancy. Removed heads and groups are marked with x."""
+    """Six heat maps (two rows of three), layers down, heads across: KV-group and head importance (log colour),
+    first-token share, mean attention distance, entropy, redundancy. Removed heads and groups are marked x."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,8 +94,8 @@ def findings(scores: HeadScores) -> list[str]:
              + ", ".join(f"{layer}.{g}: {s:.2e}" for s, layer, g in groups[:8]),
              "- most important: " + ", ".join(f"{layer}.{g}: {s:.2e}" for s, layer, g in groups[::-1][:4]),
              f"- {len(local)} of {len(heads)} heads look at the last few tokens (mean distance < {LOCAL_TOKENS:g}, "
-             f"first token aside), in layers {_layers(local)}; {len(sinks)} put over {SINK_SHARE:.0%} of their attention on the first token "
-             f"(layers {_layers(sinks)})"]
+             f"first token aside), in layers {_layers(local)}; {len(sinks)} put over {SINK_SHARE:.0%} of their "
+             f"attention on the first token (layers {_layers(sinks)})"]
     if pair is not None:
         lines.append(f"- most alike pair: layer {pair[1]}, heads {pair[2]} and {pair[3]} (cosine {pair[0]:.2f}); "
                      f"mean redundancy {np.nanmean(_grid(scores.redundancy)):.2f}")

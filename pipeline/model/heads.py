@@ -114,7 +114,8 @@ class _Recorder:
 
             out, probs = output[0], output[1]
             if probs is None:
-                raise RuntimeError("the attention kernel returned no probabilities; head analysis needs eager attention")
+                raise RuntimeError("the attention kernel returned no probabilities; head analysis needs eager "
+                                   "attention")
             sums, z = self.sums[i], self._z.pop(i).float()
             d, hd = o_proj.out_features, z.shape[-1] // sums.heads
             # head h's part of the output: its slice of o_proj's input times its columns of o_proj's weight
