@@ -110,6 +110,63 @@ class DropPlan(Artifact):
 
 
 @dataclass(frozen=True)
+class HeadScores(Artifact):
+    """Every attention head's figures from one pass over calibration windows (heads.json).
+
+    Per-head lists are [layer][query head] in the model's current numbering; a layer without attention has
+    empty lists. importance: mean of 1 - cos(Y, Y without the head) over tokens, Y = X + Attn(Norm(X));
+    group_importance: the same with every query head of one KV group zeroed, [layer][group]. sink: the attention
+    probability on each window's first token (where heads park attention they do not use); distance: mean
+    query-key distance in tokens of the rest of the attention; entropy: of the probabilities, in nats.
+    similarity: [layer][head][head], cosine between two heads' contributions to the residual stream over all
+    tokens (redundancy)."""
+
+    model: str
+    metric: str
+    tokens: int
+    seq_len: int
+    importance: tuple[tuple[float, ...], ...]
+    group_importance: tuple[tuple[float, ...], ...]
+    distance: tuple[tuple[float, ...], ...]
+    entropy: tuple[tuple[float, ...], ...]
+    sink: tuple[tuple[float, ...], ...]
+    similarity: tuple[tuple[tuple[float, ...], ...], ...]
+    filename: ClassVar[str] = "heads.json"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.importance)
+
+    @property
+    def redundancy(self) -> tuple[tuple[float, ...], ...]:
+        """Per head: its highest similarity to another head of the same layer (0 for a lone head)."""
+        return tuple(tuple(max([s for j, s in enumerate(row) if j != i] or [0.0]) for i, row in enumerate(layer))
+                     for layer in self.similarity)
+
+
+@dataclass(frozen=True)
+class HeadPlan(Artifact):
+    """Which KV groups (a key/value head with its query heads) and which query heads to remove, per layer, in
+    the model's numbering before head pruning (head_plan.json). `order` lists the groups in removal order as
+    (layer, group, score); `kv_heads` the KV heads each layer keeps (0 where its attention is dropped)."""
+
+    method: Literal["none", "global", "per-layer"]
+    kv_groups: dict[int, tuple[int, ...]]
+    query_heads: dict[int, tuple[int, ...]]
+    kv_heads: tuple[int, ...]
+    order: tuple[tuple[int, int, float], ...] = ()
+    filename: ClassVar[str] = "head_plan.json"
+
+    @property
+    def removed_groups(self) -> int:
+        return sum(len(g) for g in self.kv_groups.values())
+
+    @property
+    def removed_query_heads(self) -> int:
+        return sum(len(q) for q in self.query_heads.values())
+
+
+@dataclass(frozen=True)
 class Accuracy(Artifact):
     """Held-out perplexity and multiple-choice accuracy of one model on one evaluation set."""
 
@@ -362,6 +419,7 @@ class Report(Artifact):
     stage_seconds: dict[str, float]
     wall_seconds: float
     cached_stages: tuple[str, ...] = ()  # stages whose output came from the stage cache (nightly)
+    head_plan: HeadPlan | None = None
     filename: ClassVar[str] = "report.json"
 
     @property

@@ -30,6 +30,14 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_heads(args) -> int:
+    from .config.loading import load_recipe
+    from .stages import heads
+
+    heads(load_recipe(args.recipe), out=args.out)
+    return 0
+
+
 def _cmd_schema(args) -> int:
     from .config.recipe import Recipe
 
@@ -121,6 +129,14 @@ def _cmd_heal_sweep(args) -> int:
     return 0
 
 
+def _cmd_heads_sweep(args) -> int:
+    from .bench.heads_sweep import heads_sweep
+    from .config.loading import load_recipe
+
+    heads_sweep(load_recipe(args.recipe), counts=args.counts, seed=args.seed, out=args.out)
+    return 0
+
+
 def _cmd_peers(args) -> int:
     from .bench.peers import compare
     from .config.loading import load_recipe
@@ -147,14 +163,19 @@ def _cmd_targets(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimformer", description="Compress a transformer LM for phones: score and "
-                                "drop sublayers, heal, quantise, export (ONNX, .ort, onnxruntime-genai, Core ML) "
-                                "and validate against the original.")
+                                "drop sublayers and attention heads, heal, quantise, export (ONNX, .ort, "
+                                "onnxruntime-genai, Core ML) and validate against the original.")
     p.add_argument("--verbose", action="store_true", help="show library output (exporter warnings, onnxruntime "
                    "logs) on the terminal instead of only in the run's log file")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the whole pipeline on a recipe and write a run folder")
     r.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/smollm2-135m.yaml")
     r.set_defaults(func=_cmd_run)
+    a = sub.add_parser("heads", help="analyse every attention head (importance, attention distance and entropy, "
+                       "redundancy) and write heads.json with heat maps; shows the groups a head drop would remove")
+    a.add_argument("recipe", help="recipe whose model, calibration data and `heads` / `drop` blocks are used")
+    a.add_argument("--out", default=None, help="folder to write (default: <output.dir>/<name>-heads-<time>)")
+    a.set_defaults(func=_cmd_heads)
     s = sub.add_parser("schema", help="print the recipe JSON Schema (for editor completion and checks)")
     s.set_defaults(func=_cmd_schema)
     d = sub.add_parser("docs", help="print (or write) the recipe reference generated from the schema")
@@ -178,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also heal on these texts (one column each), beside the calibration split")
     h.add_argument("--out", default=None, help="also write the rows as JSON here")
     h.set_defaults(func=_cmd_heal_sweep)
+    hs = sub.add_parser("heads-sweep", help="perplexity / accuracy vs KV groups removed (ranked and at random), "
+                        "against attention sublayer drops that remove the same KV bytes")
+    hs.add_argument("recipe", help="recipe whose model, calibration, heads and validation settings the sweep uses")
+    hs.add_argument("--counts", type=int, nargs="+", default=[3, 6, 9, 12, 18])
+    hs.add_argument("--seed", type=int, default=0, help="seed of the random-groups baseline")
+    hs.add_argument("--out", default=None, help="also write the rows as JSON here")
+    hs.set_defaults(func=_cmd_heads_sweep)
     c = sub.add_parser("peers", help="the recipe's fp32/int8/4-bit files against what users run today (optimum "
                        "export, onnxruntime-genai's model builder, llama.cpp): size, decode and prefill time, "
                        "held-out perplexity; builds the peers' environments once under the cache")

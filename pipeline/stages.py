@@ -1,7 +1,7 @@
 """The stage order, owned here and nowhere else:
 
-recipe -> checks -> model -> scores -> plan -> pruned (and healed) model -> ONNX export -> quantised variants
--> mobile packages -> validation -> report and run folder.
+recipe -> checks -> model -> scores (and head scores) -> plan (and head plan) -> pruned (and healed) model ->
+ONNX export -> quantised variants -> mobile packages -> validation -> report and run folder.
 
 Each stage is a function with typed input and output. `run` chains them inside a staged folder that is renamed
 into place only when every stage has finished. `prepare` (checks, then the model) is the front of every command
@@ -19,13 +19,14 @@ from pathlib import Path
 import yaml
 
 from . import console
-from .artifacts import DropPlan, HealSummary, ModelInfo, OnnxExport, Packages, Report, Scores, TargetsReport
+from .artifacts import (DropPlan, HeadPlan, HeadScores, HealSummary, ModelInfo, OnnxExport, Packages, Report, Scores,
+                        TargetsReport)
 from .config.checks import model_problems, path_problem, recipe_problems, target_problems, unready_targets
-from .config.recipe import CalibrationSpec, DropSpec, ExportSpec, Recipe
+from .config.recipe import CalibrationSpec, DropSpec, ExportSpec, HeadsSpec, Recipe
 from .errors import DataError, GateError, ModelError, RecipeError, SlimformerError
 
-STAGES = ("check", "load model", "score", "plan", "drop", "heal", "export", "quantize", "package", "validate",
-          "report")
+STAGES = ("check", "load model", "score", "heads", "plan", "drop", "heal", "export", "quantize", "package",
+          "validate", "report")
 # Encoded by onnxruntime-genai's tokenizer and by the Hugging Face one; both must give the same ids.
 GENAI_CHECK_TEXT = "Hello, world!  It's 2026; caf\u00e9 prices rose 3.5%\n\tand then\u2014fell."
 
@@ -118,17 +119,37 @@ def score(model, tokenizer, spec: CalibrationSpec, name: str) -> Scores:
     return score_model(model, calibration_windows(tokenizer, spec), batch_size=spec.batch_size, name=name)
 
 
+def analyse_heads(model, tokenizer, recipe: Recipe, name: str) -> HeadScores:
+    """Every attention head's figures from one pass over calibration windows (the recipe's `heads` block)."""
+    from .model.heads import score_heads
+
+    cal, spec = recipe.calibration, recipe.heads or HeadsSpec()
+    windows = calibration_windows(tokenizer, cal.model_copy(update={"samples": spec.samples or cal.samples}))
+    return score_heads(model, windows, batch_size=cal.batch_size, name=name)
+
+
 def plan(scores: Scores, spec: DropSpec) -> DropPlan:
     from .model.plan import plan_drop
 
     return plan_drop(scores, joint=spec.joint, attention=spec.attention, mlp=spec.mlp, blocks=spec.blocks)
 
 
-def drop(model, drop_plan: DropPlan, tokenizer, folder: Path | None = None):
+def plan_heads(head_scores: HeadScores, spec: DropSpec, drop_plan: DropPlan) -> HeadPlan:
+    """KV groups and query heads to remove, in layers whose attention `drop_plan` keeps."""
+    from .model.plan import plan_heads as plan_
+
+    return plan_(head_scores, heads=spec.heads, query_heads=spec.query_heads, dropped_attention=drop_plan.attention)
+
+
+def drop(model, drop_plan: DropPlan, tokenizer, folder: Path | None = None, head_plan: HeadPlan | None = None):
     """The pruned model (a new object); also saved as a Hugging Face folder that reloads identically."""
     from .model.prune import drop_sublayers
+    from .model.prune_heads import prune_heads_inplace
 
     pruned = drop_sublayers(model, list(drop_plan.attention), list(drop_plan.mlp))
+    if head_plan is not None:
+        prune_heads_inplace(pruned, {k: list(v) for k, v in head_plan.kv_groups.items()},
+                            {k: list(v) for k, v in head_plan.query_heads.items()})
     if folder is not None:
         pruned.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -322,11 +343,22 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
             cache, "score", lambda: sc.score_key(recipe, loaded.source_sha256), tmp,
             lambda: score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description), Scores)
         scores.write(tmp)
+    head_scores = head_plan = None
+    if recipe.heads is None and not recipe.drop.prunes_heads:
+        console.skipped(STAGES.index("heads") + 1, len(STAGES), "heads",
+                        "the recipe neither analyses nor removes heads")
+    else:
+        with stage("heads", timings):
+            head_scores = analyse_heads(loaded.model, loaded.tokenizer, recipe, loaded.description)
+            head_scores.write(tmp)
     with stage("plan", timings):
         drop_plan = plan(scores, recipe.drop)
         drop_plan.write(tmp)
+        if recipe.drop.prunes_heads:
+            head_plan = plan_heads(head_scores, recipe.drop, drop_plan)
+            head_plan.write(tmp)
     with stage("drop", timings):
-        pruned = drop(loaded.model, drop_plan, loaded.tokenizer, tmp / "hf")
+        pruned = drop(loaded.model, drop_plan, loaded.tokenizer, tmp / "hf", head_plan)
         _copy_terms(loaded, tmp / "hf")
     data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
     healing = None
@@ -358,8 +390,8 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
     with stage("report", timings):
         report = Report(name=recipe.name, plan=drop_plan, heal=healing, validation=validation, packages=packages,
                         stage_seconds=dict(timings), wall_seconds=round(time.perf_counter() - start, 1),
-                        cached_stages=sc.reused(cache, validation))
-        write_report(report, scores, tmp)
+                        cached_stages=sc.reused(cache, validation), head_plan=head_plan)
+        write_report(report, scores, tmp, head_scores)
         _manifest(tmp, recipe, loaded, variants, report)
     return report
 
@@ -374,12 +406,15 @@ def _params_m(model) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def write_report(report: Report, scores: Scores, folder: Path) -> None:
+def write_report(report: Report, scores: Scores, folder: Path, head_scores: HeadScores | None = None) -> None:
+    from .measure.heads_report import plot_heads
     from .measure.report import markdown, plot_importance
 
     report.write(folder)
     plot_importance(scores, report.plan, folder / "importance.png")
-    (folder / "report.md").write_text(markdown(report))
+    if head_scores is not None:
+        plot_heads(head_scores, report.head_plan, folder / "heads.png")
+    (folder / "report.md").write_text(markdown(report, head_scores))
 
 
 def _manifest(folder: Path, recipe: Recipe, loaded, variants: dict[str, Path], report: Report) -> None:
@@ -390,6 +425,33 @@ def _manifest(folder: Path, recipe: Recipe, loaded, variants: dict[str, Path], r
                                              "terms": [t.name for t in loaded.terms]},
                             "variants": {name: str(path.relative_to(folder)) for name, path in variants.items()},
                             "passed": report.passed})
+
+
+# ---------------------------------------------------------------- head analysis alone
+
+def heads(recipe: Recipe, out: Path | None = None) -> Path:
+    """`slimformer heads`: the head analysis of the recipe's model into a folder of its own (heads.json,
+    heads.png, heads.md); with a head drop in the recipe, the groups it would remove too (head_plan.json)."""
+    from .measure.heads_report import heads_section, plot_heads
+    from .rundir import new_run_path, staged_folder
+
+    prepared = prepare(recipe)
+    model, tokenizer, name = prepared.loaded.model, prepared.loaded.tokenizer, prepared.loaded.description
+    final = Path(out) if out is not None else new_run_path(recipe.output.dir, f"{recipe.name}-heads")
+    with staged_folder(final) as tmp:
+        with stage("heads"):
+            head_scores = analyse_heads(model, tokenizer, recipe, name)
+            head_plan = None
+            if recipe.drop.prunes_heads:
+                head_plan = plan_heads(head_scores, recipe.drop, plan(score(model, tokenizer, recipe.calibration, name),
+                                                                      recipe.drop))
+                head_plan.write(tmp)
+        head_scores.write(tmp)
+        plot_heads(head_scores, head_plan, tmp / "heads.png")
+        text = "\n".join([f"# Attention heads: {recipe.name}", *heads_section(head_scores, head_plan)]) + "\n"
+        (tmp / "heads.md").write_text(text)
+    print(text + f"\nfolder: {final}")
+    return final
 
 
 # ---------------------------------------------------------------- a finished run on other targets

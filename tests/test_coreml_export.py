@@ -67,6 +67,22 @@ def test_traced_wrapper_matches_model_for_every_architecture(arch):
     assert all(tuple(getattr(traced, n).shape) == (1, kv_heads, CTX, head_dim) for n in names)
 
 
+@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+def test_head_pruned_states_have_each_layers_kv_heads(arch, tmp_path):
+    from pipeline.export.coreml import _traced_wrapper
+    from pipeline.model.prune_heads import prune_heads
+
+    model = prune_heads(drop_sublayers(tiny_model(arch), attention=[2], mlp=[]), {0: [1]}, {3: [1, 3]})
+    traced, names = _traced_wrapper(model, CTX, stateful=True)  # checked against the model (prefill + decode)
+    head_dim = model.model.layers[0].self_attn.head_dim
+    assert [tuple(getattr(traced, n).shape) for n in names[::2]] == [(1, h, CTX, head_dim) for h in (1, 2, 2)]
+    if arch == "llama":  # one conversion is enough to see the states in the package
+        package = export_coreml(model, tmp_path, CoreMLSpec(context_length=CTX, stateless=False))[0]
+        assert package.states["key_cache_0"] == [1, 1, CTX, head_dim] and package.kv_states == 6
+        assert json.loads(describe_package(package.path)["metadata"]["slimformer.kept_heads"]) == {
+            "0": {"query": [0, 1], "kv": [0]}, "3": {"query": [0, 2], "kv": [0, 1]}}
+
+
 def test_pruned_stateful_package_has_state_only_for_kept_attention(pruned_packages):
     _, packages = pruned_packages
     base = packages["stateful-fp16"]

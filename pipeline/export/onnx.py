@@ -13,6 +13,7 @@ from pathlib import Path
 from ..artifacts import OnnxExport
 from ..errors import ExportError
 from ..model.prune import kept_attention_layers, kv_config as kv_config_of
+from ..model.prune_heads import kv_heads_per_layer
 
 TASK = "text-generation-with-past"
 ONNX_NAME = "model.onnx"
@@ -68,6 +69,7 @@ def _run_optimum(model, out_dir: Path, opset: int) -> bool:
         constructor = TasksManager.get_exporter_config_constructor(
             "onnx", model=work, task=TASK, library_name="transformers")
         onnx_config = constructor(kv_config, use_past_in_inputs=True)
+        _per_slot_kv_heads(onnx_config, [h for h in kv_heads_per_layer(model) if h])
         # optimum exports with torch.onnx.export(dynamo=False) and patches transformers' vmap mask itself.
         onnx_export_from_model(work, out_dir, opset=opset, task=TASK, do_validation=False,
                                custom_onnx_configs={"model": onnx_config})
@@ -75,6 +77,23 @@ def _run_optimum(model, out_dir: Path, opset: int) -> bool:
         raise ExportError(f"optimum could not export this {model.config.model_type} model to ONNX "
                           f"(opset {opset}): {e}. Try another opset, or check the installed versions.") from e
     return "position_ids" in onnx_config.inputs
+
+
+def _per_slot_kv_heads(onnx_config, kv_heads: list[int]) -> None:
+    """Make the config's dummy cache give slot i `kv_heads[i]` heads (head-pruned layers have fewer).
+
+    optimum sizes every slot's dummy KV from one num_key_value_heads, and the traced graph takes each past input's
+    head count from its dummy; so each slot's dummy is cut to its layer's count (slot i's layer computes with
+    exactly that many KV heads, so the trace is the model's own)."""
+    generate = onnx_config.generate_dummy_inputs
+
+    def per_slot(framework: str = "pt", **kwargs):
+        dummy = generate(framework, **kwargs)
+        if "past_key_values" in dummy:
+            dummy["past_key_values"] = [(k[:, :h], v[:, :h]) for (k, v), h in zip(dummy["past_key_values"], kv_heads)]
+        return dummy
+
+    onnx_config.generate_dummy_inputs = per_slot
 
 
 def _graph_names(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -47,7 +47,8 @@ class OnnxLM:
         # key before value within a slot, slots in numeric order (not string order: 10 < 2)
         self.past_names = sorted(past, key=lambda n: (int(_PAST.match(n)[1]), _PAST.match(n)[2] != "key"))
         fallback = _genai_shape(Path(self.path).with_name("genai_config.json"))
-        self.past_shapes = {n: _kv_shape(inputs[n], fallback) for n in self.past_names}  # (kv_heads, head_dim)
+        # (kv_heads, head_dim) per past input: head-pruned layers keep fewer KV heads than others
+        self.past_shapes = {n: _kv_shape(inputs[n], fallback) for n in self.past_names}
         types = {inputs[n].type for n in self.past_names}
         if types - set(_KV_DTYPES):
             raise ValueError(f"KV inputs have types {sorted(types)}; expected one of {sorted(_KV_DTYPES)}")

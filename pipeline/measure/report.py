@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import DropPlan, Gate, HealSummary, ModelFigures, Packages, Report, Scores, TargetRow
+from ..artifacts import DropPlan, Gate, HeadScores, HealSummary, ModelFigures, Packages, Report, Scores, TargetRow
 
 
 def plot_importance(scores: Scores, plan: DropPlan | None, path: Path) -> Path:
@@ -141,18 +141,25 @@ def heal_section(healing: HealSummary | None, original: ModelFigures) -> list[st
             "measures the healed model's ONNX export.", "", "![heal loss](heal_curve.png)"]
 
 
-def markdown(report: Report) -> str:
-    validation, plan = report.validation, report.plan
+def markdown(report: Report, head_scores: HeadScores | None = None) -> str:
+    """report.md; with `head_scores`, a section on attention heads (and the heads removed, if any)."""
+    from .heads_report import heads_section
+
+    validation, plan, heads = report.validation, report.plan, report.head_plan
     orig, comp = validation.models["original"], validation.models["compressed"]
     lines = [f"# slimformer run: {report.name}", "",
              f"**Verdict: {'PASSED' if report.passed else 'FAILED'}**", "",
              f"Dropped by `{plan.method}`: attention sublayers {list(plan.attention) or 'none'}, "
-             f"MLP sublayers {list(plan.mlp) or 'none'} (of {plan.num_layers} layers).", "",
+             f"MLP sublayers {list(plan.mlp) or 'none'} (of {plan.num_layers} layers)"
+             + (f"; {heads.removed_groups} KV groups and {heads.removed_query_heads} further query heads removed "
+                f"(`{heads.method}`, see Attention heads)." if heads and heads.method != "none" else "."), "",
              "| | original | compressed | compressed / original |", "|---|---:|---:|---:|"]
     for label, key, fmt in _ROWS:
         a, b = getattr(orig, key), getattr(comp, key)
         lines.append(f"| {label} | {_fmt(fmt, a)} | {_fmt(fmt, b)} | {_ratio(a, b)} |")
     lines += heal_section(report.heal, orig)
+    if head_scores is not None:
+        lines += heads_section(head_scores, heads)
     if len(validation.models) > 2:
         lines += _variants_table(validation.models)
     lines += _packages_section(report.packages)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, Mapping
 from . import assets
 from ..artifacts import ModelInfo
 from ..errors import ModelError
+from .prune_heads import CONFIG_KEY as HEADS_KEY
 
 Source = Literal["packaged", "hf", "gguf"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -236,17 +237,42 @@ def load_hf_folder(folder: Path):
     except (ValueError, KeyError, OSError) as e:
         raise ModelError(f"model folder {folder}: config.json cannot be read by transformers ({e}).") from e
     adapter_for(config)  # unsupported architectures fail here, before the slow weight load
+    head_pruned = bool(getattr(config, HEADS_KEY, None))
     with _quiet_transformers():  # a pruned folder lacks its dropped weights by design; checked below
+        # Head-pruned projections are smaller than config's head counts say: transformers builds them full
+        # size and skips them; once the structure is cut back, their saved tensors are loaded below.
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, config=config, dtype="float32", use_safetensors=True, trust_remote_code=False,
-            output_loading_info=True)
+            output_loading_info=True, ignore_mismatched_sizes=head_pruned)
     restore_structure_inplace(model)
+    _load_tensors(model, _safetensors(folder), list(info["mismatched_keys"]))
     present = set(model.state_dict())
     missing = [k for k in info["missing_keys"] if k in present]
     if missing:
         raise ModelError(f"model folder {folder} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          "they would be random. Re-save the folder with save_pretrained.")
     return model.eval(), _load_tokenizer(folder, model.config)
+
+
+def _load_tensors(model, files: list[Path], keys: list[str]) -> None:
+    """Copy the saved tensors `keys` into the model's parameters, whose shapes must now match."""
+    import torch
+    from safetensors import safe_open
+
+    params, wanted = model.state_dict(), set(keys)
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in wanted & set(f.keys()):
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(params[key].shape):
+                    raise ModelError(f"{file}: {key} has shape {tuple(tensor.shape)} but the model rebuilt from "
+                                     f"config.json expects {tuple(params[key].shape)}; the folder is inconsistent, "
+                                     "re-save it with save_pretrained.")
+                with torch.no_grad():
+                    params[key].copy_(tensor)
+                wanted.discard(key)
+    if wanted:
+        raise ModelError(f"weights {sorted(wanted)[:5]} were not found in {[f.name for f in files]}")
 
 
 def _load_tokenizer(folder: Path, config, **kwargs):

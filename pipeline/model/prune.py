@@ -126,8 +126,11 @@ def drop_sublayers(model, attention: list[int], mlp: list[int]):
 
 def restore_structure_inplace(model):
     """After `from_pretrained` of a pruned folder, re-drop the recorded sublayers (their weights were
-    absent, so transformers initialised them randomly)."""
+    absent, so transformers initialised them randomly) and cut head-pruned attention back to its kept heads
+    (the caller loads their saved tensors: `loading.load_hf_folder`)."""
+    from .prune_heads import restore_heads_inplace
+
     recorded = drop_lists(model)
     if recorded["attention"] or recorded["mlp"]:
         drop_sublayers_inplace(model, recorded["attention"], recorded["mlp"])
-    return model
+    return restore_heads_inplace(model)
