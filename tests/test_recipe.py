@@ -101,7 +101,7 @@ def test_coreml_and_tied_table_problems_come_from_the_model_config():
 def test_schema_is_strict_and_documented():
     schema = Recipe.model_json_schema(by_alias=True)
     assert set(schema["properties"]) == {"name", "model", "calibration", "score", "drop", "heal", "quantize", "export",
-                                         "validate", "output"}
+                                         "validate", "output", "budget"}
     drop = schema["$defs"]["DropSpec"]
     assert drop["additionalProperties"] is False
     assert all("description" in f for f in drop["properties"].values())
