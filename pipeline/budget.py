@@ -9,6 +9,7 @@ and scores the uniform baselines and the frontier on held-out text for the Paret
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,11 +25,12 @@ LABELS = {"max_file_mb": "file", "max_memory_mb": "peak memory", "max_decode_ms"
 UNITS = {"max_file_mb": "MB", "max_memory_mb": "MB", "max_decode_ms": "ms/token"}
 
 
-def calibration_for(recipe: Recipe, info: ModelInfo):
-    """The target's memory and decode calibration when some budget limits them (measured once), else None."""
+def calibration_for(recipe: Recipe, info: ModelInfo, always: bool = False):
+    """The target's memory and decode calibration (measured once per target, model shape and context, cached),
+    when a budget limits memory or decode time or `always`; else None."""
     spec = recipe.budget
     limits = [limits.limits() for _, limits in spec.rungs()]
-    if not any(k in lim for lim in limits for k in ("max_memory_mb", "max_decode_ms")):
+    if not always and not any(k in lim for lim in limits for k in ("max_memory_mb", "max_decode_ms")):
         return None
     from .measure.footprint import calibration, resolve_target
 
@@ -65,8 +67,8 @@ def budget_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
             if value < figure:
                 problems.append(
                     f"{where}.{key}: {value:g} {UNITS[key]} is below the smallest {LABELS[key]} this search can reach, "
-                    f"{figure:.1f} {UNITS[key]} ({space.describe(small)}); raise {where}.{key} to at least "
-                    f"{figure:.1f}{_widen(spec.search, key)}")
+                    f"{figure:.2f} {UNITS[key]} ({space.describe(small)}); raise {where}.{key} to at least "
+                    f"{math.ceil(figure * 100) / 100:.2f}{_widen(spec.search, key)}")
     return problems
 
 
@@ -101,7 +103,7 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
     from .model.sensitivity import additive_error
 
     s = recipe.budget.search
-    space = budget_space(recipe, info, calibration_for(recipe, info))
+    space = budget_space(recipe, info, calibration_for(recipe, info, always=True))
     steps = [(step.windows, step.keep) for step in s.selection]
     needed = max(s.sensitivity_windows, steps[-1][0])
     ev = Evaluator(loaded.model, windows[:needed], _group_quantizer(recipe, loaded, windows))
