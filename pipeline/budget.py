@@ -38,25 +38,25 @@ def calibration_for(recipe: Recipe, info: ModelInfo, always: bool = False):
     return calibration(info, target, spec.context, recipe.validate_.latency.threads)
 
 
-def budget_space(recipe: Recipe, info: ModelInfo, calibration=None) -> Space:
-    """The search space of the recipe's budget for this model; source formats from the GGUF's metadata."""
-    from .export.gguf_blocks import GgufBlocks
+def budget_space(recipe: Recipe, info: ModelInfo, gguf: Path | None, calibration=None) -> Space:
+    """The search space of the recipe's budget for this model; source formats from the `gguf` file's metadata
+    (the file the weights came from, if any)."""
+    from .export.gguf_blocks import open_gguf
     from .model.costs import all_groups, group_params
-    from .model.loading import source_gguf
 
-    spec, m = recipe.budget, recipe.model
-    types = {}
-    path = source_gguf(m.source, m.name, m.path) if spec.search.source_blocks else None
-    if path is not None:
-        gguf = GgufBlocks(path)
-        types = {p: gguf.type_of(p) or "" for g in all_groups(info) for p in group_params(info, g)}
+    spec, types = recipe.budget, {}
+    if gguf is not None and spec.search.source_blocks:
+        reader = open_gguf(gguf)
+        types = {p: reader.type_of(p) or "" for g in all_groups(info) for p in group_params(info, g)}
     return build_space(info, spec.search, source_formats(info, types), spec.context, calibration)
 
 
 def budget_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
     """Every limit below what the smallest reachable model costs, naming that figure, the model and the field."""
-    spec = recipe.budget
-    space = budget_space(recipe, info, calibration_for(recipe, info))
+    from .model.loading import source_gguf
+
+    spec, m = recipe.budget, recipe.model
+    space = budget_space(recipe, info, source_gguf(m.source, m.name, m.path), calibration_for(recipe, info))
     small = space.smallest()
     reach = space.footprint(small)
     problems = []
@@ -103,7 +103,7 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
     from .model.sensitivity import additive_error
 
     s = recipe.budget.search
-    space = budget_space(recipe, info, calibration_for(recipe, info, always=True))
+    space = budget_space(recipe, info, loaded.gguf, calibration_for(recipe, info, always=True))
     steps = [(step.windows, step.keep) for step in s.selection]
     needed = max(s.sensitivity_windows, steps[-1][0])
     ev = Evaluator(loaded.model, windows[:needed], _group_quantizer(recipe, loaded, windows))
@@ -131,12 +131,12 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
 
 def _group_quantizer(recipe: Recipe, loaded, windows: np.ndarray):
     """(group, parts, params, format) -> BlockQuant: the recipe's quantiser, the GGUF's blocks for source."""
-    from .export.gguf_blocks import GgufBlocks
+    from .export.gguf_blocks import open_gguf
     from .export.policy import format_quantizer
     from .model.calibration import input_hessians
 
     s = recipe.budget.search
-    gguf = GgufBlocks(loaded.gguf) if loaded.gguf is not None and s.source_blocks else None
+    gguf = open_gguf(loaded.gguf) if loaded.gguf is not None and s.source_blocks else None
     hessians = input_hessians(loaded.model, windows) if s.algorithm == "gptq" else None
 
     def quantize(group, parts, params, fmt):

@@ -96,6 +96,7 @@ def test_a_search_is_reproducible_with_its_seed(tmp_path, monkeypatch):
     from pipeline.model.scoring import score_model
 
     monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path))
+    monkeypatch.setattr("pipeline.budget.calibration_for", lambda *a, **k: None)  # measured in test_budget_run
     model = tiny_model("llama")
     loaded = LoadedModel(model, byte_level_bpe([synthetic_text(0)]), "tiny-sha", "tiny llama")
     info = info_from_config(model.config)
@@ -104,9 +105,10 @@ def test_a_search_is_reproducible_with_its_seed(tmp_path, monkeypatch):
     recipe = parse_recipe({"name": "t", "calibration": {"samples": 4, "seq_len": 24},
                            "validate": {"perplexity_windows": 2},
                            "budget": {"max_file_mb": file_mb * 0.2, "context": 32, "search": {
-                               "generations": 4, "offspring": 4, "selection": [{"windows": 1, "keep": 2},
+                               "generations": 3, "offspring": 3, "selection": [{"windows": 1, "keep": 2},
                                                                                {"windows": 2, "keep": 1}],
-                               "heldout_windows": 2, "baseline_drops": [0, 1]}}})
+                               "sensitivity_windows": 1, "heldout_windows": 2, "heldout_points": 2,
+                               "baseline_drops": [0], "block_sizes": [16, 32], "table_bits": [8]}}})
     first = search(recipe, loaded, info, scores, WINDOWS, WINDOWS[:2], progress=False)
     again = search(recipe, loaded, info, scores, WINDOWS, WINDOWS[:2], progress=False)
     assert first.chosen == again.chosen and first.pareto == again.pareto

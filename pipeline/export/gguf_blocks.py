@@ -9,6 +9,7 @@ Rows may be permuted: transformers undoes llama.cpp's rotary reordering of q and
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,17 @@ class GgufBlocks:
                           zero_points=None if blocks.zero_points is None else blocks.zero_points[order],
                           offsets=None if blocks.offsets is None else blocks.offsets[order],
                           bits=blocks.bits, block_size=blocks.block_size, k=blocks.k)
+
+
+def open_gguf(path: Path) -> GgufBlocks:
+    """One reader per file and process: reading a GGUF's metadata parses its whole vocabulary (seconds)."""
+    stat = Path(path).stat()
+    return _open(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _open(path: str, size: int, mtime_ns: int) -> GgufBlocks:
+    return GgufBlocks(Path(path))
 
 
 def _row_order(source: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
