@@ -9,7 +9,7 @@ ARM_TARGETS ?= recipes/targets-arm.yaml
 # The run folder `validate-arm` checks: RUN=runs/<folder>, else the newest default-recipe run (made if none).
 RUN ?= $(shell ls -d runs/smollm2-135m-2*/ 2>/dev/null | grep -v -- -targets- | tail -n 1)
 
-.PHONY: setup assets compress test test-slow bench bench-sweep bench-peers bench-heal bench-quant docs schema arm-root validate-arm clean
+.PHONY: setup assets compress test test-slow bench bench-sweep bench-peers bench-heal bench-quant bench-budget docs schema arm-root validate-arm clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ bench-peers: assets
 
 bench-quant: assets
 	$(BIN)/slimformer quant-sweep recipes/smollm2-135m-mobile.yaml --out runs/quant-sweep.json
+
+bench-budget: assets
+	$(BIN)/slimformer bench-budget recipes/smollm2-135m-bench-budget.yaml --budgets 75 90 100 120 \
+		--out runs/bench-budget.json
 
 bench-heal: assets
 	$(BIN)/slimformer heal-sweep recipes/smollm2-135m-heal-sweep.yaml --counts 0 2 4 8 12 --out runs/heal-sweep.json

@@ -18,19 +18,30 @@ def drop_plan(space: Space, c: Candidate) -> DropPlan:
                     mlp=tuple(i for i in range(n) if not c.mlp[i]), num_layers=n)
 
 
-def export_choice(pruned, space: Space, c: Candidate, evaluator, recipe: Recipe, tokenizer, out: Path) -> Path:
-    """The chosen model as a fused file: every group's BlockQuant is the one the search scored (same object)."""
-    from .export.fused import export_fused
-
-    formats = space.structure(c).formats
+def structure_weights(structure, evaluator):
+    """The quantizer that gives each group of `structure` the BlockQuant the search scored (the evaluator's,
+    same object): for the export, and for fake quantisation of the parity reference."""
+    formats = structure.formats
 
     def quantize(name, parts, params):
         return evaluator.quantized(name, formats[name]) if formats.get(name) is not None else None
-    path = export_fused(pruned, out, quantize, recipe.budget.search.accuracy_level, recipe.export.opset,
-                        kv_dtype=space.kv[c.kv]).path
-    pruned.config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    return quantize
+
+
+def export_structure(pruned, structure, evaluator, recipe: Recipe, out: Path, tokenizer=None) -> Path:
+    """A structure as a fused file (`pruned` has its sublayers) holding exactly the weights the search judged."""
+    from .export.fused import export_fused
+
+    path = export_fused(pruned, out, structure_weights(structure, evaluator), recipe.budget.search.accuracy_level,
+                        recipe.export.opset, kv_dtype=structure.kv_dtype).path
+    if tokenizer is not None:
+        pruned.config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return path
+
+
+def export_choice(pruned, space: Space, c: Candidate, evaluator, recipe: Recipe, tokenizer, out: Path) -> Path:
+    return export_structure(pruned, space.structure(c), evaluator, recipe, out, tokenizer)
 
 
 def measured_footprint(recipe: Recipe, path: Path, workdir: Path) -> dict:

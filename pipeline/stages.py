@@ -422,8 +422,9 @@ def _budget_stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, st
 
 def _rung(recipe: Recipe, loaded, found, name: str, limits, folder: Path, data, timings: dict, start: float,
           scores: Scores) -> Report:
-    from .ladder import choice, drop_plan, export_choice, gates_with_floor, measured_footprint
+    from .ladder import choice, drop_plan, export_choice, gates_with_floor, measured_footprint, structure_weights
     from .measure.validate import validate
+    from .model.calibration import fake_quantized
 
     c = found.chosen[name]
     console.skipped(STAGES.index("heal") + 1, len(STAGES), "heal", "budgeted models are not healed")
@@ -442,7 +443,9 @@ def _rung(recipe: Recipe, loaded, found, name: str, limits, folder: Path, data, 
         work.mkdir()
         spec = gates_with_floor(recipe.validate_, name, limits.max_perplexity_increase_pct)
         params = {"original": _params_m(loaded.model), "compressed": _params_m(pruned)}
-        validation = validate(original_onnx, {name: path}, params, pruned, data, spec, work, original_onnx.parent)
+        # parity against the pruned model with the file's own weights: what is left is the export's error
+        with fake_quantized(pruned, structure_weights(found.space.structure(c), found.evaluator)):
+            validation = validate(original_onnx, {name: path}, params, pruned, data, spec, work, original_onnx.parent)
         measured = measured_footprint(recipe, path, work)
         shutil.rmtree(work)
     with stage("report", timings):

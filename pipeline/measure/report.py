@@ -162,8 +162,9 @@ def budget_section(b: BudgetChoice | None) -> list[str]:
         err = f"{100 * (p / m - 1):+.1f} %" if p is not None and m else ""
         lines.append(f"| {label} | {_fmt(fmt, p)} | {_fmt(fmt, m)} | {err} |")
     lines += ["", "Memory: peak RSS of a process that loads the file, prefills the context in chunks of 128 tokens "
-              "and decodes 16 tokens (docs/budget.md). The Pareto plot of every candidate is pareto.png in the "
-              "run folder."]
+              "and decodes 16 tokens (docs/budget.md). The parity check below compares the file with the pruned "
+              "PyTorch model holding the file's own quantised weights, so it measures the export, not the "
+              "quantisation. The Pareto plot of every candidate is pareto.png in the run folder."]
     return lines
 
 
