@@ -113,17 +113,20 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
 
     def fitness(cands, n):
         return [ev.kl(space.structure(c), n) for c in cands]
+    uniform = [c for _, st in uniform_baselines(space, scores, s.baseline_drops) if (c := space.candidate(st))]
     for name, limits in recipe.budget.rungs():
         lim = limits.limits()
-        seed = space.greedy(space.most_accurate(), lim, error)
+        starts = [space.greedy(space.most_accurate(), lim, error), *(c for c in uniform if space.fits(c, lim))]
+        values = log.score(starts, steps[-1][0], fitness, space.key)
+        seed = starts[int(np.argmin(values))]  # never start below a uniform choice that fits
         bar = console.progress(total=s.generations, desc=f"search {name}") if progress else None
         best, log = evolve(seed, lambda c, r: space.mutate(c, r, lim), fitness, space.key, steps, s.generations,
                            s.offspring, rng, s.max_seconds, log, (lambda g, f: bar.update()) if bar else None)
         if bar is not None:
             bar.close()
         chosen[name] = best
-        console.say(f"budget {name}: KL {log.scores[space.key(best)][steps[-1][0]]:.4f} (greedy plan "
-                    f"{fitness([seed], steps[-1][0])[0]:.4f}); {space.describe(best)}")
+        console.say(f"budget {name}: KL {log.scores[space.key(best)][steps[-1][0]]:.4f} (start "
+                    f"{log.scores[space.key(seed)][steps[-1][0]]:.4f}); {space.describe(best)}")
     kl = {name: log.scores[space.key(c)][steps[-1][0]] for name, c in chosen.items()}
     pareto = _pareto(recipe, space, ev, log, chosen, scores, heldout, steps[0][0], loaded.description)
     return SearchOutcome(space, chosen, kl, pareto, sens, ev)

@@ -116,3 +116,7 @@ def test_a_search_is_reproducible_with_its_seed(tmp_path, monkeypatch):
     assert chosen.file_mb <= file_mb * 0.2 and chosen.perplexity is not None
     assert any(p.label.startswith("uniform int8") for p in first.pareto.points)
     assert first.sensitivities.attention and len(first.sensitivities.layers) == 4
+    from pipeline.budget import uniform_baselines
+    fitting = [st for _, st in uniform_baselines(first.space, scores, [0]) if costs.file_bytes(info, st) / 1e6
+               <= file_mb * 0.2]
+    assert fitting and all(first.kl["budget"] <= first.evaluator.kl(st, 2) for st in fitting)  # never below one

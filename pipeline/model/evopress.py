@@ -27,6 +27,14 @@ class SearchLog:
     generations: int = 0
     seconds: float = 0.0
 
+    def score(self, cands: list, windows: int, fitness: Callable, key: Callable) -> list[float]:
+        """The candidates' fitness on `windows` windows, computing only what is not logged yet."""
+        todo = [c for c in {key(c): c for c in cands}.values() if windows not in self.scores.get(key(c), {})]
+        for c, value in zip(todo, fitness(todo, windows) if todo else []):
+            self.candidates[key(c)] = c
+            self.scores.setdefault(key(c), {})[windows] = float(value)
+        return [self.scores[key(c)][windows] for c in cands]
+
 
 def evolve(parent, mutate: Callable, fitness: Callable, key: Callable, steps: list[tuple[int, int]],
            generations: int, offspring: int, rng: np.random.Generator, max_seconds: float | None = None,
@@ -39,11 +47,7 @@ def evolve(parent, mutate: Callable, fitness: Callable, key: Callable, steps: li
     start = time.perf_counter()
 
     def scored(cands: list, windows: int) -> list[float]:
-        todo = [c for c in {key(c): c for c in cands}.values() if windows not in log.scores.get(key(c), {})]
-        for c, value in zip(todo, fitness(todo, windows) if todo else []):
-            log.candidates[key(c)] = c
-            log.scores.setdefault(key(c), {})[windows] = float(value)
-        return [log.scores[key(c)][windows] for c in cands]
+        return log.score(cands, windows, fitness, key)
 
     last = steps[-1][0]
     parent_fit = scored([parent], last)[0]

@@ -70,6 +70,18 @@ class Space:
         formats = {g: self.levels[g][lv] for g, lv, keep in zip(self.genes, c.levels, self._kept(c)) if keep}
         return Structure(c.attention, c.mlp, formats, self.kv[c.kv])
 
+    def candidate(self, s: Structure) -> Candidate | None:
+        """The candidate of a structure, or None when one of its formats is not a level of this space."""
+        levels = []
+        for g in self.genes:
+            fmt = s.formats.get(g) if s.keeps(g) else self.levels[g][0]
+            if fmt not in self.levels[g]:
+                return None
+            levels.append(self.levels[g].index(fmt))
+        if s.kv_dtype not in self.kv:
+            return None
+        return Candidate(s.attention, s.mlp, tuple(levels), self.kv.index(s.kv_dtype))
+
     def footprint(self, c: Candidate) -> Footprint:
         key = self.key(c)
         if key not in self._costs:
