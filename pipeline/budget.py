@@ -18,7 +18,7 @@ import numpy as np
 from . import console
 from .artifacts import BudgetPoint, ModelInfo, Pareto, Scores, Sensitivities
 from .config.recipe import Recipe
-from .model.costs import TABLE, Structure, quant_format
+from .model.structure import TABLE, Structure, quant_format
 from .model.space import FIGURE, Candidate, Space, build_space, source_formats
 
 LABELS = {"max_file_mb": "file", "max_memory_mb": "peak memory", "max_decode_ms": "decode time"}
@@ -42,7 +42,7 @@ def budget_space(recipe: Recipe, info: ModelInfo, gguf: Path | None, calibration
     """The search space of the recipe's budget for this model; source formats from the `gguf` file's metadata
     (the file the weights came from, if any)."""
     from .export.gguf_blocks import open_gguf
-    from .model.costs import all_groups, group_params
+    from .model.structure import all_groups, group_params
 
     spec, types = recipe.budget, {}
     if gguf is not None and spec.search.source_blocks:

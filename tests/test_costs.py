@@ -16,22 +16,22 @@ from pipeline.export.policy import format_quantizer
 from pipeline.measure import ort_runner
 from pipeline.measure.footprint import fit
 from pipeline.measure.ort_runner import OnnxLM
-from pipeline.model import costs
+from pipeline.model import costs, structure
 from pipeline.model.adapters import ADAPTERS
 from pipeline.model.loading import info_from_config
 from pipeline.model.prune import drop_sublayers
 
 
-def _random_structure(rng: random.Random, info, grid: str) -> costs.Structure:
+def _random_structure(rng: random.Random, info, grid: str) -> structure.Structure:
     n = info.num_layers
     attention = [True] + [rng.random() > 0.3 for _ in range(n - 1)]
     mlp = [rng.random() > 0.3 for _ in range(n)]
-    s = costs.Structure(tuple(attention), tuple(mlp))
+    s = structure.Structure(tuple(attention), tuple(mlp))
     blocks = [16, 32] if grid == "offset" else [16, 32, 64]  # offsets need blocks that divide the input width
-    formats = {g: costs.quant_format(rng.choice([4, 8]), rng.choice(blocks), grid) for g in s.groups(info)}
+    formats = {g: structure.quant_format(rng.choice([4, 8]), rng.choice(blocks), grid) for g in s.groups(info)}
     if rng.random() < 0.3:
         formats[rng.choice(list(formats))] = None  # an fp32 group
-    return costs.Structure(s.attention, s.mlp, formats, rng.choice(["fp32", "fp16"]))
+    return structure.Structure(s.attention, s.mlp, formats, rng.choice(["fp32", "fp16"]))
 
 
 @pytest.mark.parametrize("arch", sorted(ADAPTERS))
@@ -60,10 +60,10 @@ def test_source_blocks_are_priced_as_the_gguf_stores_them(tmp_path):
     model = tiny_model("llama", vocab_size=512)
     gguf = GgufBlocks(_gguf_copy(model, tmp_path / "m.gguf"))  # Q4_1 linears, Q8_0 table
     info = info_from_config(model.config)
-    types = {p: gguf.type_of(p) for g in costs.all_groups(info) for p in costs.group_params(info, g)}
+    types = {p: gguf.type_of(p) for g in structure.all_groups(info) for p in structure.group_params(info, g)}
     formats = source_formats(info, types)
-    assert formats["layers.0.qkv"] == costs.GGUF_FORMATS["Q4_1"] and formats["embedding"] == costs.GGUF_FORMATS["Q8_0"]
-    s = costs.Structure((True,) * 4, (True,) * 4, formats)
+    assert formats["layers.0.qkv"] == structure.GGUF_FORMATS["Q4_1"] and formats["embedding"] == structure.GGUF_FORMATS["Q8_0"]
+    s = structure.Structure((True,) * 4, (True,) * 4, formats)
     path = export_fused(model, tmp_path / "src", format_quantizer(formats, gguf=gguf)).path
     assert abs(costs.file_bytes(info, s) / path.stat().st_size - 1) < 0.01
     model.model.layers[0].mlp.down_proj.weight.data.mul_(1.01)
@@ -72,15 +72,15 @@ def test_source_blocks_are_priced_as_the_gguf_stores_them(tmp_path):
 
 
 def test_merged_source_needs_reusable_types_of_one_width():
-    assert costs.merged_source(["Q4_0", "Q4_1"]) == costs.Format(4, 32, True, True, source=True)
-    assert costs.merged_source(["Q4_1", "Q8_0"]) is None and costs.merged_source(["Q4_K"]) is None
+    assert structure.merged_source(["Q4_0", "Q4_1"]) == structure.Format(4, 32, True, True, source=True)
+    assert structure.merged_source(["Q4_1", "Q8_0"]) is None and structure.merged_source(["Q4_K"]) is None
 
 
 def test_block_padding_is_paid_for():
     """576 inputs in blocks of 128 pad to 640 codes a row: more bytes than blocks of 64, scales included."""
     n, k = 100, 576
-    assert costs.Format(4, 128).payload(n, k) == n * (640 // 2 + 2 * 5)
-    assert costs.Format(4, 64).payload(n, k) == n * (576 // 2 + 2 * 9) < costs.Format(4, 128).payload(n, k)
+    assert structure.Format(4, 128).payload(n, k) == n * (640 // 2 + 2 * 5)
+    assert structure.Format(4, 64).payload(n, k) == n * (576 // 2 + 2 * 9) < structure.Format(4, 128).payload(n, k)
 
 
 def test_calibration_fit_recovers_linear_costs():

@@ -13,7 +13,7 @@ from pipeline.export.fused import export_fused
 from pipeline.export.policy import format_quantizer
 from pipeline.measure.ort_runner import OnnxLM, greedy_trace
 from pipeline.measure.reference import compare_traces, torch_greedy_trace
-from pipeline.model import costs
+from pipeline.model import costs, structure
 from pipeline.model.adapters import ADAPTERS
 from pipeline.model.fitness import Evaluator
 from pipeline.model.prune import drop_sublayers
@@ -27,11 +27,11 @@ def _evaluator(model, grid="symmetric"):
     return Evaluator(model, WINDOWS, quantize)
 
 
-def _structure(rng: np.random.Generator, grid: str = "symmetric", kv: str = "fp32") -> costs.Structure:
-    s = costs.Structure((True, False, True, True), (True, True, False, True), kv_dtype=kv)
-    groups = [g for g in ("embedding", *(f"layers.{i}.{k}" for i in range(4) for k in costs.KIND_ORDER)) if s.keeps(g)]
-    formats = {g: costs.quant_format(int(rng.choice([4, 8])), int(rng.choice([16, 32])), grid) for g in groups}
-    return costs.Structure(s.attention, s.mlp, formats, kv)
+def _structure(rng: np.random.Generator, grid: str = "symmetric", kv: str = "fp32") -> structure.Structure:
+    s = structure.Structure((True, False, True, True), (True, True, False, True), kv_dtype=kv)
+    groups = [g for g in ("embedding", *(f"layers.{i}.{k}" for i in range(4) for k in structure.KIND_ORDER)) if s.keeps(g)]
+    formats = {g: structure.quant_format(int(rng.choice([4, 8])), int(rng.choice([16, 32])), grid) for g in groups}
+    return structure.Structure(s.attention, s.mlp, formats, kv)
 
 
 def _logits(model, ids):
@@ -64,17 +64,17 @@ def test_structures_apply_and_restore_exactly():
     model = tiny_model("llama")
     ev = _evaluator(model)
     n = 4
-    full = costs.Structure((True,) * n, (True,) * n)
+    full = structure.Structure((True,) * n, (True,) * n)
     reference = _logits(model, WINDOWS)
     ev.apply(_structure(np.random.default_rng(2)))
     assert np.abs(_logits(ev.model, WINDOWS) - reference).max() > 1e-2
     ev.apply(full)
     np.testing.assert_allclose(_logits(ev.model, WINDOWS), reference, atol=1e-5)
     assert ev.kl(full, 4) < 1e-6
-    dropped = costs.Structure((True, False, True, True), (True,) * n)
+    dropped = structure.Structure((True, False, True, True), (True,) * n)
     assert ev.kl(dropped, 4) > 1e-3 and ev.kl(dropped, 2) != ev.kl(dropped, 4)
     assert ev.perplexity(dropped, WINDOWS) > 1 and ev.perplexity(full, WINDOWS) != ev.perplexity(dropped, WINDOWS)
-    ev.apply(costs.Structure((True,) * n, (True,) * n, {}, "fp16"))  # keys and values rounded to fp16
+    ev.apply(structure.Structure((True,) * n, (True,) * n, {}, "fp16"))  # keys and values rounded to fp16
     assert 0 < np.abs(_logits(ev.model, WINDOWS) - reference).max() < 1e-2
 
 
@@ -101,7 +101,7 @@ def test_a_search_is_reproducible_with_its_seed(tmp_path, monkeypatch):
     loaded = LoadedModel(model, byte_level_bpe([synthetic_text(0)]), "tiny-sha", "tiny llama")
     info = info_from_config(model.config)
     scores = score_model(model, WINDOWS, name="tiny")
-    file_mb = costs.file_bytes(info, costs.Structure((True,) * 4, (True,) * 4)) / 1e6
+    file_mb = costs.file_bytes(info, structure.Structure((True,) * 4, (True,) * 4)) / 1e6
     recipe = parse_recipe({"name": "t", "calibration": {"samples": 4, "seq_len": 24},
                            "validate": {"perplexity_windows": 2},
                            "budget": {"max_file_mb": file_mb * 0.2, "context": 32, "search": {

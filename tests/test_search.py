@@ -9,7 +9,7 @@ import pytest
 from pipeline.artifacts import ModelInfo
 from pipeline.budget import budget_problems, frontier
 from pipeline.config.loading import parse_recipe
-from pipeline.model.costs import TABLE, Format
+from pipeline.model.structure import TABLE, Format
 from pipeline.model.evopress import evolve
 from pipeline.model.space import build_space
 

@@ -67,7 +67,7 @@ def run_algorithm(algorithm: str, grid: str, name: str, weight: np.ndarray, bits
 
 def format_quantizer(formats: dict, algorithm: str = "rtn", grid: str = "symmetric", gguf: GgufBlocks | None = None,
                      hessians: dict[str, np.ndarray] | None = None):
-    """The quantizer of a searched structure: group -> `pipeline.model.costs.Format` (absent or None: fp32).
+    """The quantizer of a searched structure: group -> `pipeline.model.structure.Format` (absent or None: fp32).
     A source format reuses the GGUF's blocks, and fails loudly when they cannot be (the cost model and the
     search assumed them)."""
     def quantize(name: str, parts: list[np.ndarray], params: list[str]) -> w.BlockQuant | None:

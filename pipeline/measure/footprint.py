@@ -22,7 +22,8 @@ import numpy as np
 from .. import console
 from ..artifacts import FootprintCalibration, FootprintPoint, ModelInfo
 from ..config.paths import home
-from ..model.costs import DECODE_FEATURES, MEMORY_FEATURES, TABLE, Structure, quant_format, runtime_features
+from ..model.costs import DECODE_FEATURES, MEMORY_FEATURES, runtime_features
+from ..model.structure import TABLE, Structure, quant_format
 from ..rundir import sha256_file, sha256_json, staged_folder
 from .transports import RUNNER, run_on_target
 

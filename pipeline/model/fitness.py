@@ -1,4 +1,4 @@
-"""The budget search's only torch part: a prunable copy of the model that takes any `costs.Structure` (sublayers
+"""The budget search's only torch part: a prunable copy of the model that takes any `structure.Structure` (sublayers
 set to None or restored, each group's weights replaced by exactly what the quantised ONNX file computes with,
 keys and values rounded to fp16 for an fp16 cache) and scores it by the KL divergence of its next-token
 distributions from the original model's on calibration windows, or by perplexity on held-out windows.
@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .adapters import adapter_for, decoder_layers
-from .costs import TABLE, Format, Structure
+from .structure import Format, Structure
 from .groups import linear_groups
 from .prune import drop_sublayers_inplace
 

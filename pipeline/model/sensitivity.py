@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 from ..artifacts import Sensitivities
-from .costs import Structure
+from .structure import Structure
 from .fitness import Evaluator, proxy_error
 from .space import Candidate, Space
 

@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 
 from ..artifacts import ModelInfo
-from .costs import TABLE, Footprint, Format, Structure, all_groups, footprint, group_shape, merged_source, \
-    quant_format
+from .costs import Footprint, footprint
+from .structure import TABLE, Format, Structure, all_groups, group_shape, merged_source, quant_format
 
 LIMITS = ("max_file_mb", "max_memory_mb", "max_decode_ms")
 FIGURE = {"max_file_mb": "file_mb", "max_memory_mb": "memory_mb", "max_decode_ms": "decode_ms"}
@@ -228,6 +228,6 @@ def build_space(info: ModelInfo, search, source: dict[str, Format | None], conte
 def source_formats(info: ModelInfo, types: dict[str, str]) -> dict[str, Format | None]:
     """Group -> the format its source GGUF blocks would have (None where they cannot be reused); `types` maps
     parameter paths to GGUF tensor types."""
-    from .costs import group_params
+    from .structure import group_params
 
     return {g: merged_source([types.get(p, "") for p in group_params(info, g)]) for g in all_groups(info)}
