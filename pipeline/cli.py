@@ -153,6 +153,14 @@ def _cmd_quant_sweep(args) -> int:
     return 0
 
 
+def _cmd_bench_budget(args) -> int:
+    from .bench.budget_bench import bench_budget
+    from .config.loading import load_recipe
+
+    bench_budget(load_recipe(args.recipe), budgets=args.budgets, out=args.out)
+    return 0
+
+
 def _cmd_targets(args) -> int:
     from .config.loading import load_targets
     from .stages import check_run
@@ -221,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("recipe", help="recipe whose model, drop, calibration and held-out data are used")
     q.add_argument("--out", default=None, help="also write the rows as JSON here")
     q.set_defaults(func=_cmd_quant_sweep)
+    b = sub.add_parser("bench-budget", help="the budget search at several file budgets beside the best uniform "
+                       "choice that fits and the peers' 4-bit files, held-out perplexity on one text")
+    b.add_argument("recipe", help="recipe with a budget block (its model, data and search settings are used)")
+    b.add_argument("--budgets", type=float, nargs="+", default=[75, 90, 100, 120], help="file budgets, MB")
+    b.add_argument("--out", default=None, help="also write the results as JSON here")
+    b.set_defaults(func=_cmd_bench_budget)
     t = sub.add_parser("targets", help="validate a finished run folder's files on other targets "
                        "(emulated ARM cores, a device over SSH) and print the per-target table")
     t.add_argument("run_dir", help="a folder written by `slimformer run`, e.g. runs/smollm2-135m-<time>")

@@ -25,8 +25,8 @@ from .config.checks import model_problems, path_problem, recipe_problems, target
 from .config.recipe import CalibrationSpec, DropSpec, ExportSpec, HeadsSpec, Recipe
 from .errors import DataError, GateError, ModelError, RecipeError, SlimformerError
 
-STAGES = ("check", "load model", "score", "heads", "plan", "drop", "heal", "export", "quantize", "package",
-          "validate", "report")
+STAGES = ("check", "load model", "score", "heads", "plan", "search", "drop", "heal", "export", "quantize",
+          "package", "validate", "report")
 # Encoded by onnxruntime-genai's tokenizer and by the Hugging Face one; both must give the same ids.
 GENAI_CHECK_TEXT = "Hello, world!  It's 2026; caf\u00e9 prices rose 3.5%\n\tand then\u2014fell."
 
@@ -51,7 +51,8 @@ class Prepared:
 def preflight(recipe: Recipe) -> ModelInfo:
     """Every check a recipe allows before loading weights, all problems in one RecipeError: the recipe's own
     (files, names, targets), the model's config or GGUF metadata (architecture, drop limits, Core ML, tied
-    tables) and the text split (calibration or healing text must not overlap evaluation text)."""
+    tables), the text split (calibration or healing text must not overlap evaluation text) and a budget below the
+    smallest reachable model (memory and decode limits measure the target once, cached)."""
     from .model.loading import read_model_info
 
     problems = recipe_problems(recipe)
@@ -65,6 +66,10 @@ def preflight(recipe: Recipe) -> ModelInfo:
         problems += model_problems(recipe, info)
     if not problems:
         problems += _overlap_problems(recipe)
+    if not problems and recipe.budget is not None:
+        from .budget import budget_problems
+
+        problems += budget_problems(recipe, info)
     if problems:
         raise RecipeError(problems)
     return info
@@ -316,7 +321,10 @@ def run(recipe: Recipe, cache=None) -> Path:
         log = tmp / "run.log"
         try:
             with console.capture(log):
-                report = _stages(recipe, info, tmp, timings, start, cache)
+                if recipe.budget is None:
+                    report = _stages(recipe, info, tmp, timings, start, cache)
+                else:  # the budget search is not cached: every run searches afresh
+                    report = _budget_stages(recipe, info, tmp, timings, start)
         except Exception:  # a failure, not Ctrl-C or a kill: keep the library output that may explain it
             if log.is_file():
                 failed = final.with_name(final.name + ".failed.log")
@@ -327,7 +335,7 @@ def run(recipe: Recipe, cache=None) -> Path:
     print(f"run folder: {final}\nwall time: {report.wall_seconds:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in report.stage_seconds.items())})")
     if not report.passed:
-        raise GateError(report.validation.failures(), str(final))
+        raise GateError(report.failures(), str(final))
     return final
 
 
@@ -357,6 +365,7 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
         if recipe.drop.prunes_heads:
             head_plan = plan_heads(head_scores, recipe.drop, drop_plan)
             head_plan.write(tmp)
+    console.skipped(STAGES.index("search") + 1, len(STAGES), "search", "the recipe has no budget block")
     with stage("drop", timings):
         pruned = drop(loaded.model, drop_plan, loaded.tokenizer, tmp / "hf", head_plan)
         _copy_terms(loaded, tmp / "hf")
@@ -400,6 +409,106 @@ def _copy_terms(loaded, folder: Path) -> None:
     """The licence terms a model ships with go into every model folder made from it."""
     for terms in loaded.terms:
         shutil.copy2(terms, folder / terms.name)
+
+
+# ---------------------------------------------------------------- budgeted runs
+
+@dataclass(frozen=True)
+class LadderOutcome:
+    """What `run` needs of a ladder run: the rungs' verdicts and the times."""
+
+    reports: dict[str, Report]
+    stage_seconds: dict[str, float]
+    wall_seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.reports.values())
+
+    def failures(self) -> list[str]:
+        return [f"{name}: {f}" for name, r in self.reports.items() for f in r.failures()]
+
+
+def _budget_stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: float):
+    """score -> search (per budget) -> for each chosen model: drop, export, package, validate, report; then the
+    Pareto record and, for a ladder, ladder.json. A single budget's model is written like any run's; a ladder's
+    rungs go to rungs/<name>/."""
+    from .budget import search
+    from .ladder import ladder, ladder_markdown
+    from .measure.pareto import plot_pareto
+    from .measure.validate import prepare_eval_data
+
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    with stage("load model", timings):
+        loaded = load(recipe)
+    with stage("score", timings):
+        scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
+        scores.write(tmp)
+    console.skipped(STAGES.index("heads") + 1, len(STAGES), "heads", "budgeted runs do not analyse heads")
+    console.skipped(STAGES.index("plan") + 1, len(STAGES), "plan", "the budget search chooses what to drop")
+    data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
+    with stage("search", timings):
+        found = search(recipe, loaded, info, scores, calibration_windows(loaded.tokenizer, recipe.calibration),
+                       data.windows)
+        found.pareto.write(tmp)
+        found.sensitivities.write(tmp)
+        plot_pareto(found.pareto, tmp / "pareto.png")
+    reports, folders, several = {}, {}, bool(recipe.budget.ladder)
+    for name, limits in recipe.budget.rungs():
+        folders[name] = tmp / "rungs" / name if several else tmp
+        folders[name].mkdir(parents=True, exist_ok=True)
+        if several:
+            console.say(f"rung {name}:")
+        reports[name] = _rung(recipe, loaded, found, name, limits, folders[name], data, dict(timings), start, scores)
+    outcome = reports[name] if not several else LadderOutcome(
+        reports, dict(timings), round(time.perf_counter() - start, 1))
+    if several:
+        record = ladder(recipe, loaded.description, reports, folders, tmp, found.space.calibration)
+        record.write(tmp)
+        (tmp / "report.md").write_text(ladder_markdown(record))
+    variants = {n: (folders[n] / f"onnx-{n}" / "model.onnx") for n in reports}
+    _manifest(tmp, recipe, loaded, variants, outcome)
+    return outcome
+
+
+def _rung(recipe: Recipe, loaded, found, name: str, limits, folder: Path, data, timings: dict, start: float,
+          scores: Scores) -> Report:
+    from .ladder import choice, drop_plan, export_choice, gates_with_floor, measured_footprint, structure_weights
+    from .measure.validate import validate
+    from .model.calibration import fake_quantized
+
+    c = found.chosen[name]
+    console.skipped(STAGES.index("heal") + 1, len(STAGES), "heal", "budgeted models are not healed")
+    with stage("drop", timings):
+        planned = drop_plan(found.space, c)
+        pruned = drop(loaded.model, planned, loaded.tokenizer, folder / "hf")
+        _copy_terms(loaded, folder / "hf")
+        planned.write(folder)
+    with stage("export", timings):
+        original_onnx = baseline_onnx(loaded, recipe.export)
+    with stage("quantize", timings):
+        path = export_choice(pruned, found.space, c, found.evaluator, recipe, loaded.tokenizer, folder / f"onnx-{name}")
+        _copy_terms(loaded, path.parent)
+    with stage("package", timings):
+        packages = package({name: path}, pruned, loaded.tokenizer, recipe.export, folder)
+    with stage("validate", timings):
+        work = folder / "validation"
+        work.mkdir()
+        spec = gates_with_floor(recipe.validate_, name, limits.max_perplexity_increase_pct)
+        params = {"original": _params_m(loaded.model), "compressed": _params_m(pruned)}
+        # parity against the pruned model with the file's own weights: what is left is the export's error
+        with fake_quantized(pruned, structure_weights(found.space.structure(c), found.evaluator)):
+            validation = validate(original_onnx, {name: path}, params, pruned, data, spec, work, original_onnx.parent)
+        measured = measured_footprint(recipe, path, work)
+        shutil.rmtree(work)
+    with stage("report", timings):
+        budget = choice(recipe, name, limits, found.space, c, found.kl[name], path, measured)
+        budget.write(folder)
+        report = Report(name=recipe.name if folder.name != name else f"{recipe.name} / {name}", plan=planned,
+                        heal=None, validation=validation, packages=packages, stage_seconds=dict(timings),
+                        wall_seconds=round(time.perf_counter() - start, 1), budget=budget)
+        write_report(report, scores, folder)
+    return report
 
 
 def _params_m(model) -> float:

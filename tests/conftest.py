@@ -18,6 +18,13 @@ TINY_GEMMA3 = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, rope
                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
 
 
+def fused_architectures() -> list[str]:
+    """The adapter rows the fused decoder export writes (the others export with the optimum graph)."""
+    from pipeline.model.adapters import ADAPTERS
+
+    return sorted(a for a, ad in ADAPTERS.items() if ad.fused_graph)
+
+
 def tiny_config(model_type: str = "llama", **overrides):
     from transformers import AutoConfig
 

@@ -122,7 +122,7 @@ def test_console_shows_stages_and_the_log_keeps_library_noise(tiny_project):
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("[") for line in lines), lines  # stage lines, nothing else
-    assert "[12/12] report done" in proc.stderr and "wall time:" in proc.stdout
+    assert "[13/13] report done" in proc.stderr and "wall time:" in proc.stdout
     [final] = (tiny_project.parent / "runs").iterdir()
     assert noise in (final / "run.log").read_text()
     verbose = subprocess.run([sys.executable, "-m", "pipeline.cli", "--verbose", "run", str(tiny_project)],

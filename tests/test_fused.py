@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from conftest import left_padded_batch, tiny_model
+from conftest import fused_architectures, left_padded_batch, tiny_model
 from pipeline.config.quantize import QuantSpec
 from pipeline.errors import ExportError
 from pipeline.export.fused import export_fused
@@ -39,7 +39,7 @@ def _trace_error(model, path, quantizer=None):
     return compare_traces(reference, got), lm
 
 
-@pytest.mark.parametrize("arch", sorted(a for a, ad in ADAPTERS.items() if ad.fused_graph))
+@pytest.mark.parametrize("arch", fused_architectures())
 def test_pruned_fused_graph_matches_pytorch(arch, tmp_path):
     model = drop_sublayers(tiny_model(arch), attention=[1], mlp=[2])
     export = export_fused(model, tmp_path)

@@ -117,12 +117,15 @@ def test_fused_graph_of_an_architecture_it_cannot_write_is_refused_up_front():
         check_recipe(parse_recipe({"name": "x"}), gemma)
     for name in ("gemma3-270m", "gemma3-270m-sweep"):
         check_recipe(load_recipe(f"recipes/{name}.yaml"), gemma)
+    with pytest.raises(RecipeError, match=r"budget: budgeted models are written as the fused decoder graph, which "
+                                          r"has no layout for gemma3_text models; remove the budget block"):
+        check_recipe(parse_recipe({"name": "x", "budget": {"max_file_mb": 90, "context": 256}}), gemma)
 
 
 def test_schema_is_strict_and_documented():
     schema = Recipe.model_json_schema(by_alias=True)
     assert set(schema["properties"]) == {"name", "model", "calibration", "score", "heads", "drop", "heal", "quantize",
-                                         "export", "validate", "output"}
+                                         "export", "validate", "output", "budget"}
     drop = schema["$defs"]["DropSpec"]
     assert drop["additionalProperties"] is False
     assert all("description" in f for f in drop["properties"].values())

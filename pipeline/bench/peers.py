@@ -86,9 +86,9 @@ def _source_gguf(recipe: Recipe) -> Path:
         raise SlimformerError(f"the peer comparison needs the model both as GGUF (llama.cpp) and as a Hugging Face "
                               f"folder (optimum-cli, the genai builder); model source {recipe.model.source!r} gives "
                               "one of them. Use `model: {source: packaged}`.")
-    from ..model.loading import PACKAGED
+    from ..model.loading import source_gguf
 
-    return PACKAGED[recipe.model.name or "smollm2-135m"].fetch()
+    return source_gguf("packaged", recipe.model.name)
 
 
 def onnx_files(recipe: Recipe, loaded, builder_python: Path, tmp: Path, log: Path) -> list[PeerFile]:

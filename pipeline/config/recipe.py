@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, NonNegativeInt, model_validator
 
 from .base import NAME_PATTERN, Block, Override, RecipePath
+from .budget import BudgetSpec
 from .coreml import CoreMLSpec
 from .quantize import QuantSpec
 from .targets import Target
@@ -245,6 +246,10 @@ class Recipe(Block):
     export: ExportSpec = Field(default_factory=ExportSpec, description="Export formats.")
     validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate", description="Validation and gates.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where run folders go.")
+    budget: BudgetSpec | None = Field(
+        None, description="Memory-budgeted models: limits (file, memory at a context, decode time, accuracy) and a "
+        "search that picks what to drop and how to store each layer to fit them; replaces drop counts and quantize "
+        "entries. A ladder makes one model per budget.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)  # `validate` shadows BaseModel.validate
 

@@ -49,6 +49,9 @@ class Adapter:
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
+    # Linear groups with a bias whatever the config says (Qwen2's q, k and v); llama-style configs add theirs
+    # through attention_bias and mlp_bias.
+    biases: tuple[str, ...] = ()
 
     @property
     def attention_parts(self) -> tuple[str, ...]:
@@ -83,7 +86,7 @@ class Adapter:
 ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("llama", gguf_arch="llama"),
     "mistral": Adapter("mistral", gguf_arch="llama"),
-    "qwen2": Adapter("qwen2", gguf_arch="qwen2"),
+    "qwen2": Adapter("qwen2", gguf_arch="qwen2", biases=("qkv",)),
     "qwen3": Adapter("qwen3", gguf_arch="qwen3", q_norm="q_norm", k_norm="k_norm"),
     # Gemma 3: norms before and after each sublayer ("post_attention_layernorm" is the attention's post-norm
     # here, not the MLP's pre-norm), embeddings scaled inside embed_tokens, sliding and full layers interleaved.

