@@ -10,7 +10,7 @@ ARM_TARGETS ?= recipes/targets-arm.yaml
 # The run folder `validate-arm` checks: RUN=runs/<folder>, else the newest default-recipe run (made if none).
 RUN ?= $(shell ls -d runs/smollm2-135m-2*/ 2>/dev/null | grep -v -- -targets- | tail -n 1)
 
-.PHONY: setup assets compress nightly test test-slow bench bench-sweep bench-peers bench-heal bench-quant docs schema arm-root validate-arm clean
+.PHONY: setup assets compress nightly test test-slow bench bench-sweep bench-peers bench-heal bench-quant bench-heads bench-budget docs schema arm-root validate-arm clean
 
 setup: $(STAMP)
 
@@ -38,7 +38,7 @@ test-slow: assets
 
 MILTON := packaged:miltondata/texts/paradise_lost_(no_introduction)_gut.txt,packaged:miltondata/texts/paradise_regained_gut.txt
 
-bench: bench-sweep bench-peers bench-heal bench-quant
+bench: bench-sweep bench-peers bench-heal bench-quant bench-heads
 
 bench-sweep: assets
 	$(BIN)/slimformer sweep recipes/smollm2-135m-sweep.yaml --out runs/sweep.json
@@ -48,6 +48,13 @@ bench-peers: assets
 
 bench-quant: assets
 	$(BIN)/slimformer quant-sweep recipes/smollm2-135m-mobile.yaml --out runs/quant-sweep.json
+
+bench-heads: assets
+	$(BIN)/slimformer heads-sweep recipes/smollm2-135m-heads.yaml --counts 3 6 9 12 --out runs/heads-sweep.json
+
+bench-budget: assets
+	$(BIN)/slimformer bench-budget recipes/smollm2-135m-bench-budget.yaml --budgets 75 90 100 120 \
+		--out runs/bench-budget.json
 
 bench-heal: assets
 	$(BIN)/slimformer heal-sweep recipes/smollm2-135m-heal-sweep.yaml --counts 0 2 4 8 12 --out runs/heal-sweep.json

@@ -68,6 +68,8 @@ class ModelInfo(Artifact):
     tie_word_embeddings: bool
     max_position_embeddings: int
     source: str  # where the figures were read: "config.json of <folder>" or "GGUF metadata of <file>"
+    fused_graph: bool = True  # the fused decoder export (export.graph: fused) can write this architecture
+    biases: tuple[str, ...] = ()  # linear groups (qkv, o, gate_up, down) whose projections carry a bias
 
     @property
     def linear_input_widths(self) -> tuple[int, ...]:
@@ -117,6 +119,63 @@ class DropPlan(Artifact):
 
 
 @dataclass(frozen=True)
+class HeadScores(Artifact):
+    """Every attention head's figures from one pass over calibration windows (heads.json).
+
+    Per-head lists are [layer][query head] in the model's current numbering; a layer without attention has
+    empty lists. importance: mean of 1 - cos(Y, Y without the head) over tokens, Y = X + Attn(Norm(X));
+    group_importance: the same with every query head of one KV group zeroed, [layer][group]. sink: the attention
+    probability on each window's first token (where heads park attention they do not use); distance: mean
+    query-key distance in tokens of the rest of the attention; entropy: of the probabilities, in nats.
+    similarity: [layer][head][head], cosine between two heads' contributions to the residual stream over all
+    tokens (redundancy)."""
+
+    model: str
+    metric: str
+    tokens: int
+    seq_len: int
+    importance: tuple[tuple[float, ...], ...]
+    group_importance: tuple[tuple[float, ...], ...]
+    distance: tuple[tuple[float, ...], ...]
+    entropy: tuple[tuple[float, ...], ...]
+    sink: tuple[tuple[float, ...], ...]
+    similarity: tuple[tuple[tuple[float, ...], ...], ...]
+    filename: ClassVar[str] = "heads.json"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.importance)
+
+    @property
+    def redundancy(self) -> tuple[tuple[float, ...], ...]:
+        """Per head: its highest similarity to another head of the same layer (0 for a lone head)."""
+        return tuple(tuple(max([s for j, s in enumerate(row) if j != i] or [0.0]) for i, row in enumerate(layer))
+                     for layer in self.similarity)
+
+
+@dataclass(frozen=True)
+class HeadPlan(Artifact):
+    """Which KV groups (a key/value head with its query heads) and which query heads to remove, per layer, in
+    the model's numbering before head pruning (head_plan.json). `order` lists the groups in removal order as
+    (layer, group, score); `kv_heads` the KV heads each layer keeps (0 where its attention is dropped)."""
+
+    method: Literal["none", "global", "per-layer"]
+    kv_groups: dict[int, tuple[int, ...]]
+    query_heads: dict[int, tuple[int, ...]]
+    kv_heads: tuple[int, ...]
+    order: tuple[tuple[int, int, float], ...] = ()
+    filename: ClassVar[str] = "head_plan.json"
+
+    @property
+    def removed_groups(self) -> int:
+        return sum(len(g) for g in self.kv_groups.values())
+
+    @property
+    def removed_query_heads(self) -> int:
+        return sum(len(q) for q in self.query_heads.values())
+
+
+@dataclass(frozen=True)
 class Accuracy(Artifact):
     """Held-out perplexity and multiple-choice accuracy of one model on one evaluation set."""
 
@@ -155,6 +214,147 @@ class HealSummary(Artifact):
     before: Accuracy
     after: Accuracy
     weights_sha256: str | None  # of the healed model.safetensors, when saved
+
+
+@dataclass(frozen=True)
+class Sensitivities(Artifact):
+    """What each single change the budget search can make costs, as KL divergence from the original model on
+    calibration windows: an attention or MLP sublayer dropped, one layer's groups at their smallest format, the
+    table at each format, the KV cache at each precision; and each group's expected output error per format
+    (a proxy that splits a layer's measured KL among its groups)."""
+
+    model: str
+    windows: int
+    tokens: int
+    attention: tuple[float, ...]
+    mlp: tuple[float, ...]
+    layers: tuple[float, ...]
+    table: dict[str, float]
+    kv: dict[str, float]
+    proxies: dict[str, dict[str, float]]
+    seconds: float = 0.0
+    filename: ClassVar[str] = "sensitivities.json"
+
+
+@dataclass(frozen=True)
+class FootprintPoint(Artifact):
+    """One calibration file run under the memory protocol on a target, with the cost model's features."""
+
+    label: str
+    file_bytes: int
+    features: dict[str, float]
+    peak_rss_mb: float
+    decode_ms: float
+
+
+@dataclass(frozen=True)
+class FootprintCalibration(Artifact):
+    """A target's runtime costs, measured once on synthetic files of one model shape at one context: peak RSS
+    (MiB) and decode ms per token are linear in the cost model's features (`pipeline.model.costs`), with these
+    coefficients (feature name -> coefficient)."""
+
+    target: str
+    context: int
+    threads: int
+    onnxruntime: str
+    points: tuple[FootprintPoint, ...]
+    memory: dict[str, float]
+    decode: dict[str, float]
+    seconds: float = 0.0
+    filename: ClassVar[str] = "calibration.json"
+
+    def memory_mb(self, features: dict[str, float]) -> float:
+        return sum(c * features[k] for k, c in self.memory.items())
+
+    def decode_ms(self, features: dict[str, float]) -> float:
+        return sum(c * features[k] for k, c in self.decode.items())
+
+
+@dataclass(frozen=True)
+class BudgetPoint(Artifact):
+    """One model the budget search priced and scored: a searched candidate, a uniform baseline, a chosen rung or
+    a peer's file. KL is on the search's first selection step's calibration windows; perplexity on the held-out
+    windows (PyTorch, weights exactly as the file holds them), where measured."""
+
+    label: str
+    structure: str
+    file_mb: float
+    kv_kb_per_token: float | None = None
+    memory_mb: float | None = None
+    decode_ms: float | None = None
+    kl: float | None = None
+    perplexity: float | None = None
+
+
+@dataclass(frozen=True)
+class Pareto(Artifact):
+    """pareto.json: every evaluated candidate, the uniform baselines and the chosen models, the frontier (no
+    point both smaller and closer to the original), and the budgets."""
+
+    model: str
+    reference_perplexity: float  # the original model (fp32, undropped) on the same held-out windows
+    kl_tokens: int
+    heldout_tokens: int
+    points: tuple[BudgetPoint, ...]
+    frontier: tuple[int, ...]  # indices into points, by file size
+    budgets: dict[str, dict[str, float]]
+    chosen: dict[str, int]  # rung -> index into points
+    filename: ClassVar[str] = "pareto.json"
+
+
+@dataclass(frozen=True)
+class BudgetChoice(Artifact):
+    """budget.json: the model chosen for one budget: what it keeps, how each group is stored, what the cost model
+    predicted and what the run measured, and which limits bind."""
+
+    name: str
+    limits: dict[str, float]
+    binding: tuple[str, ...]
+    attention_dropped: tuple[int, ...]
+    mlp_dropped: tuple[int, ...]
+    formats: dict[str, str]  # group -> source, q4b32, q8b64, ... (kept groups only)
+    kv_cache: str
+    algorithm: str
+    grid: str
+    context: int
+    target: str
+    kl: float
+    predicted: dict[str, float | None]  # file_mb, memory_mb, decode_ms, kv_kb_per_token
+    measured: dict[str, float | None] = field(default_factory=dict)
+    filename: ClassVar[str] = "budget.json"
+
+
+@dataclass(frozen=True)
+class LadderRung(Artifact):
+    """One model of a ladder: its files (relative to ladder.json), what it costs, measured, and how accurate it
+    is on the held-out text."""
+
+    name: str
+    files: dict[str, str]
+    file_mb: float
+    memory_mb: float  # peak RSS under the memory protocol at the ladder's context, on its target
+    predicted_memory_mb: float | None
+    kv_kb_per_token: float
+    decode_ms: float  # per token with the context cached, same run
+    perplexity: float
+    perplexity_increase_pct: float
+    mc_accuracy: float
+    limits: dict[str, float]
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Ladder(Artifact):
+    """ladder.json: models of one source for several budgets, most capable first. An app takes the first rung
+    whose memory fits what the device can give (docs/budget.md; pipeline/picker.py)."""
+
+    model: str
+    context: int
+    target: str
+    kv_factor: float | None  # peak MiB per MiB of KV cache, to move a rung's memory to another context
+    original_perplexity: float
+    rungs: tuple[LadderRung, ...]
+    filename: ClassVar[str] = "ladder.json"
 
 
 # ---------------------------------------------------------------- exported files
@@ -370,11 +570,16 @@ class Report(Artifact):
     stage_seconds: dict[str, float]
     wall_seconds: float
     cached_stages: tuple[str, ...] = ()  # stages whose output came from the stage cache (nightly)
+    head_plan: HeadPlan | None = None
+    budget: BudgetChoice | None = None
     filename: ClassVar[str] = "report.json"
 
     @property
     def passed(self) -> bool:
         return self.validation.passed
+
+    def failures(self) -> list[str]:
+        return self.validation.failures()
 
 
 # ---------------------------------------------------------------- registry and nightly

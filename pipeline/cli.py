@@ -30,6 +30,14 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_heads(args) -> int:
+    from .config.loading import load_recipe
+    from .stages import heads
+
+    heads(load_recipe(args.recipe), out=args.out)
+    return 0
+
+
 def _cmd_schema(args) -> int:
     from .config.recipe import Recipe
 
@@ -121,11 +129,19 @@ def _cmd_heal_sweep(args) -> int:
     return 0
 
 
+def _cmd_heads_sweep(args) -> int:
+    from .bench.heads_sweep import heads_sweep
+    from .config.loading import load_recipe
+
+    heads_sweep(load_recipe(args.recipe), counts=args.counts, seed=args.seed, out=args.out)
+    return 0
+
+
 def _cmd_peers(args) -> int:
     from .bench.peers import compare
     from .config.loading import load_recipe
 
-    compare(load_recipe(args.recipe), out=args.out)
+    compare(load_recipe(args.recipe), out=args.out, threads=args.threads, rounds=args.rounds, repeats=args.repeats)
     return 0
 
 
@@ -134,6 +150,14 @@ def _cmd_quant_sweep(args) -> int:
     from .config.loading import load_recipe
 
     quant_sweep(load_recipe(args.recipe), out=args.out)
+    return 0
+
+
+def _cmd_bench_budget(args) -> int:
+    from .bench.budget_bench import bench_budget
+    from .config.loading import load_recipe
+
+    bench_budget(load_recipe(args.recipe), budgets=args.budgets, out=args.out)
     return 0
 
 
@@ -147,14 +171,19 @@ def _cmd_targets(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimformer", description="Compress a transformer LM for phones: score and "
-                                "drop sublayers, heal, quantise, export (ONNX, .ort, onnxruntime-genai, Core ML) "
-                                "and validate against the original.")
+                                "drop sublayers and attention heads, heal, quantise, export (ONNX, .ort, "
+                                "onnxruntime-genai, Core ML) and validate against the original.")
     p.add_argument("--verbose", action="store_true", help="show library output (exporter warnings, onnxruntime "
                    "logs) on the terminal instead of only in the run's log file")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the whole pipeline on a recipe and write a run folder")
     r.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/smollm2-135m.yaml")
     r.set_defaults(func=_cmd_run)
+    a = sub.add_parser("heads", help="analyse every attention head (importance, attention distance and entropy, "
+                       "redundancy) and write heads.json with heat maps; shows the groups a head drop would remove")
+    a.add_argument("recipe", help="recipe whose model, calibration data and `heads` / `drop` blocks are used")
+    a.add_argument("--out", default=None, help="folder to write (default: <output.dir>/<name>-heads-<time>)")
+    a.set_defaults(func=_cmd_heads)
     s = sub.add_parser("schema", help="print the recipe JSON Schema (for editor completion and checks)")
     s.set_defaults(func=_cmd_schema)
     d = sub.add_parser("docs", help="print (or write) the recipe reference generated from the schema")
@@ -178,16 +207,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also heal on these texts (one column each), beside the calibration split")
     h.add_argument("--out", default=None, help="also write the rows as JSON here")
     h.set_defaults(func=_cmd_heal_sweep)
-    c = sub.add_parser("peers", help="what users run today (optimum + onnxruntime quantisation of the undropped "
-                       "model) vs the recipe's drop + quantisation: size, KV, perplexity, accuracy, decode ms/token")
-    c.add_argument("recipe", help="recipe whose drop, int8/int4 variants and validation data are compared")
+    hs = sub.add_parser("heads-sweep", help="perplexity / accuracy vs KV groups removed (ranked and at random), "
+                        "against attention sublayer drops that remove the same KV bytes")
+    hs.add_argument("recipe", help="recipe whose model, calibration, heads and validation settings the sweep uses")
+    hs.add_argument("--counts", type=int, nargs="+", default=[3, 6, 9, 12, 18])
+    hs.add_argument("--seed", type=int, default=0, help="seed of the random-groups baseline")
+    hs.add_argument("--out", default=None, help="also write the rows as JSON here")
+    hs.set_defaults(func=_cmd_heads_sweep)
+    c = sub.add_parser("peers", help="the recipe's fp32/int8/4-bit files against what users run today (optimum "
+                       "export, onnxruntime-genai's model builder, llama.cpp): size, decode and prefill time, "
+                       "held-out perplexity; builds the peers' environments once under the cache")
+    c.add_argument("recipe", help="recipe (packaged model) whose drop, int8/int4 variants and held-out data are used")
     c.add_argument("--out", default=None, help="also write the rows as JSON here")
+    c.add_argument("--threads", type=int, default=None, help="threads of every path (default: the recipe's "
+                   "validate.latency.threads)")
+    c.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default: the recipe's)")
+    c.add_argument("--repeats", type=int, default=3, help="timed runs per path per round, after a warm-up")
     c.set_defaults(func=_cmd_peers)
     q = sub.add_parser("quant-sweep", help="4-bit quantisers side by side (source GGUF blocks, rtn, hqq, gptq, "
                        "mixed 4/8-bit) on the packaged weights and on off-grid weights: file MB, held-out perplexity")
     q.add_argument("recipe", help="recipe whose model, drop, calibration and held-out data are used")
     q.add_argument("--out", default=None, help="also write the rows as JSON here")
     q.set_defaults(func=_cmd_quant_sweep)
+    b = sub.add_parser("bench-budget", help="the budget search at several file budgets beside the best uniform "
+                       "choice that fits and the peers' 4-bit files, held-out perplexity on one text")
+    b.add_argument("recipe", help="recipe with a budget block (its model, data and search settings are used)")
+    b.add_argument("--budgets", type=float, nargs="+", default=[75, 90, 100, 120], help="file budgets, MB")
+    b.add_argument("--out", default=None, help="also write the results as JSON here")
+    b.set_defaults(func=_cmd_bench_budget)
     t = sub.add_parser("targets", help="validate a finished run folder's files on other targets "
                        "(emulated ARM cores, a device over SSH) and print the per-target table")
     t.add_argument("run_dir", help="a folder written by `slimformer run`, e.g. runs/smollm2-135m-<time>")

@@ -1,7 +1,7 @@
 """The stage order, owned here and nowhere else:
 
-recipe -> checks -> model -> scores -> plan -> pruned (and healed) model -> ONNX export -> quantised variants
--> mobile packages -> validation -> report and run folder.
+recipe -> checks -> model -> scores (and head scores) -> plan (and head plan) -> pruned (and healed) model ->
+ONNX export -> quantised variants -> mobile packages -> validation -> report and run folder.
 
 Each stage is a function with typed input and output. `run` chains them inside a staged folder that is renamed
 into place only when every stage has finished. `prepare` (checks, then the model) is the front of every command
@@ -19,13 +19,14 @@ from pathlib import Path
 import yaml
 
 from . import console
-from .artifacts import DropPlan, HealSummary, ModelInfo, OnnxExport, Packages, Report, Scores, TargetsReport
+from .artifacts import (DropPlan, HeadPlan, HeadScores, HealSummary, ModelInfo, OnnxExport, Packages, Report, Scores,
+                        TargetsReport)
 from .config.checks import model_problems, path_problem, recipe_problems, target_problems, unready_targets
-from .config.recipe import CalibrationSpec, DropSpec, ExportSpec, Recipe, WindowSpec
+from .config.recipe import CalibrationSpec, DropSpec, ExportSpec, HeadsSpec, Recipe, WindowSpec
 from .errors import DataError, GateError, ModelError, RecipeError, SlimformerError
 
-STAGES = ("check", "load model", "score", "plan", "drop", "heal", "export", "quantize", "package", "validate",
-          "report")
+STAGES = ("check", "load model", "score", "heads", "plan", "search", "drop", "heal", "export", "quantize",
+          "package", "validate", "report")
 # Encoded by onnxruntime-genai's tokenizer and by the Hugging Face one; both must give the same ids.
 GENAI_CHECK_TEXT = "Hello, world!  It's 2026; caf\u00e9 prices rose 3.5%\n\tand then\u2014fell."
 
@@ -50,7 +51,8 @@ class Prepared:
 def preflight(recipe: Recipe) -> ModelInfo:
     """Every check a recipe allows before loading weights, all problems in one RecipeError: the recipe's own
     (files, names, targets), the model's config or GGUF metadata (architecture, drop limits, Core ML, tied
-    tables) and the text split (calibration or healing text must not overlap evaluation text)."""
+    tables), the text split (calibration or healing text must not overlap evaluation text) and a budget below the
+    smallest reachable model (memory and decode limits measure the target once, cached)."""
     from .model.loading import read_model_info
 
     problems = recipe_problems(recipe)
@@ -64,6 +66,10 @@ def preflight(recipe: Recipe) -> ModelInfo:
         problems += model_problems(recipe, info)
     if not problems:
         problems += _overlap_problems(recipe)
+    if not problems and recipe.budget is not None:
+        from .budget import budget_problems
+
+        problems += budget_problems(recipe, info)
     if problems:
         raise RecipeError(problems)
     return info
@@ -134,6 +140,15 @@ def score(model, tokenizer, spec: CalibrationSpec, name: str, window: WindowSpec
                                window_sinks={i: tuple(s) for i, s in sinks.items()})
 
 
+def analyse_heads(model, tokenizer, recipe: Recipe, name: str) -> HeadScores:
+    """Every attention head's figures from one pass over calibration windows (the recipe's `heads` block)."""
+    from .model.heads import score_heads
+
+    cal, spec = recipe.calibration, recipe.heads or HeadsSpec()
+    windows = calibration_windows(tokenizer, cal.model_copy(update={"samples": spec.samples or cal.samples}))
+    return score_heads(model, windows, batch_size=cal.batch_size, name=name)
+
+
 def plan(scores: Scores, spec: DropSpec) -> DropPlan:
     from .model.plan import plan_drop, plan_window
 
@@ -143,12 +158,23 @@ def plan(scores: Scores, spec: DropSpec) -> DropPlan:
     return plan_window(scores, drop_plan, spec.window.layers, spec.window.size)
 
 
-def drop(model, drop_plan: DropPlan, tokenizer, folder: Path | None = None):
+def plan_heads(head_scores: HeadScores, spec: DropSpec, drop_plan: DropPlan) -> HeadPlan:
+    """KV groups and query heads to remove, in layers whose attention `drop_plan` keeps."""
+    from .model.plan import plan_heads as plan_
+
+    return plan_(head_scores, heads=spec.heads, query_heads=spec.query_heads, dropped_attention=drop_plan.attention)
+
+
+def drop(model, drop_plan: DropPlan, tokenizer, folder: Path | None = None, head_plan: HeadPlan | None = None):
     """The pruned model (a new object); also saved as a Hugging Face folder that reloads identically."""
     from .model.prune import drop_sublayers
+    from .model.prune_heads import prune_heads_inplace
     from .model.window import set_windows_inplace
 
     pruned = drop_sublayers(model, list(drop_plan.attention), list(drop_plan.mlp))
+    if head_plan is not None:
+        prune_heads_inplace(pruned, {k: list(v) for k, v in head_plan.kv_groups.items()},
+                            {k: list(v) for k, v in head_plan.query_heads.items()})
     if drop_plan.window:
         set_windows_inplace(pruned, list(drop_plan.window), drop_plan.window_size, drop_plan.window_sinks)
     if folder is not None:
@@ -317,7 +343,10 @@ def run(recipe: Recipe, cache=None) -> Path:
         log = tmp / "run.log"
         try:
             with console.capture(log):
-                report = _stages(recipe, info, tmp, timings, start, cache)
+                if recipe.budget is None:
+                    report = _stages(recipe, info, tmp, timings, start, cache)
+                else:  # the budget search is not cached: every run searches afresh
+                    report = _budget_stages(recipe, info, tmp, timings, start)
         except Exception:  # a failure, not Ctrl-C or a kill: keep the library output that may explain it
             if log.is_file():
                 failed = final.with_name(final.name + ".failed.log")
@@ -328,7 +357,7 @@ def run(recipe: Recipe, cache=None) -> Path:
     print(f"run folder: {final}\nwall time: {report.wall_seconds:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in report.stage_seconds.items())})")
     if not report.passed:
-        raise GateError(report.validation.failures(), str(final))
+        raise GateError(report.failures(), str(final))
     return final
 
 
@@ -345,11 +374,24 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
             lambda: score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description, recipe.drop.window),
             Scores)
         scores.write(tmp)
+    head_scores = head_plan = None
+    if recipe.heads is None and not recipe.drop.prunes_heads:
+        console.skipped(STAGES.index("heads") + 1, len(STAGES), "heads",
+                        "the recipe neither analyses nor removes heads")
+    else:
+        with stage("heads", timings):
+            head_scores = analyse_heads(loaded.model, loaded.tokenizer, recipe, loaded.description)
+            head_scores.write(tmp)
     with stage("plan", timings):
         drop_plan = plan(scores, recipe.drop)
         drop_plan.write(tmp)
+        if recipe.drop.prunes_heads:
+            head_plan = plan_heads(head_scores, recipe.drop, drop_plan)
+            head_plan.write(tmp)
+    console.skipped(STAGES.index("search") + 1, len(STAGES), "search", "the recipe has no budget block")
     with stage("drop", timings):
-        pruned = drop(loaded.model, drop_plan, loaded.tokenizer, tmp / "hf")
+        pruned = drop(loaded.model, drop_plan, loaded.tokenizer, tmp / "hf", head_plan)
+        _copy_terms(loaded, tmp / "hf")
     data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
     healing = None
     if recipe.heal is None:
@@ -360,6 +402,7 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
     with stage("export", timings):
         exported = sc.cached(cache, "export", lambda: sc.export_key(recipe, loaded.source_sha256, tmp), tmp,
                              lambda: export(pruned, loaded.tokenizer, tmp / "onnx", recipe.export), OnnxExport)
+        _copy_terms(loaded, tmp / "onnx")  # quantised variants copy the fp32 folder's files
         original_onnx = baseline_onnx(loaded, recipe.export)
     with stage("quantize", timings):
         variants = {"compressed": exported.path, **sc.cached(
@@ -379,9 +422,115 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
     with stage("report", timings):
         report = Report(name=recipe.name, plan=drop_plan, heal=healing, validation=validation, packages=packages,
                         stage_seconds=dict(timings), wall_seconds=round(time.perf_counter() - start, 1),
-                        cached_stages=sc.reused(cache, validation))
-        write_report(report, scores, tmp)
+                        cached_stages=sc.reused(cache, validation), head_plan=head_plan)
+        write_report(report, scores, tmp, head_scores)
         _manifest(tmp, recipe, loaded, variants, report)
+    return report
+
+
+def _copy_terms(loaded, folder: Path) -> None:
+    """The licence terms a model ships with go into every model folder made from it."""
+    for terms in loaded.terms:
+        shutil.copy2(terms, folder / terms.name)
+
+
+# ---------------------------------------------------------------- budgeted runs
+
+@dataclass(frozen=True)
+class LadderOutcome:
+    """What `run` needs of a ladder run: the rungs' verdicts and the times."""
+
+    reports: dict[str, Report]
+    stage_seconds: dict[str, float]
+    wall_seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.reports.values())
+
+    def failures(self) -> list[str]:
+        return [f"{name}: {f}" for name, r in self.reports.items() for f in r.failures()]
+
+
+def _budget_stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: float):
+    """score -> search (per budget) -> for each chosen model: drop, export, package, validate, report; then the
+    Pareto record and, for a ladder, ladder.json. A single budget's model is written like any run's; a ladder's
+    rungs go to rungs/<name>/."""
+    from .budget import search
+    from .ladder import ladder, ladder_markdown
+    from .measure.pareto import plot_pareto
+    from .measure.validate import prepare_eval_data
+
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    with stage("load model", timings):
+        loaded = load(recipe)
+    with stage("score", timings):
+        scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
+        scores.write(tmp)
+    console.skipped(STAGES.index("heads") + 1, len(STAGES), "heads", "budgeted runs do not analyse heads")
+    console.skipped(STAGES.index("plan") + 1, len(STAGES), "plan", "the budget search chooses what to drop")
+    data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
+    with stage("search", timings):
+        found = search(recipe, loaded, info, scores, calibration_windows(loaded.tokenizer, recipe.calibration),
+                       data.windows)
+        found.pareto.write(tmp)
+        found.sensitivities.write(tmp)
+        plot_pareto(found.pareto, tmp / "pareto.png")
+    reports, folders, several = {}, {}, bool(recipe.budget.ladder)
+    for name, limits in recipe.budget.rungs():
+        folders[name] = tmp / "rungs" / name if several else tmp
+        folders[name].mkdir(parents=True, exist_ok=True)
+        if several:
+            console.say(f"rung {name}:")
+        reports[name] = _rung(recipe, loaded, found, name, limits, folders[name], data, dict(timings), start, scores)
+    outcome = reports[name] if not several else LadderOutcome(
+        reports, dict(timings), round(time.perf_counter() - start, 1))
+    if several:
+        record = ladder(recipe, loaded.description, reports, folders, tmp, found.space.calibration)
+        record.write(tmp)
+        (tmp / "report.md").write_text(ladder_markdown(record))
+    variants = {n: (folders[n] / f"onnx-{n}" / "model.onnx") for n in reports}
+    _manifest(tmp, recipe, loaded, variants, outcome)
+    return outcome
+
+
+def _rung(recipe: Recipe, loaded, found, name: str, limits, folder: Path, data, timings: dict, start: float,
+          scores: Scores) -> Report:
+    from .ladder import choice, drop_plan, export_choice, gates_with_floor, measured_footprint, structure_weights
+    from .measure.validate import validate
+    from .model.calibration import fake_quantized
+
+    c = found.chosen[name]
+    console.skipped(STAGES.index("heal") + 1, len(STAGES), "heal", "budgeted models are not healed")
+    with stage("drop", timings):
+        planned = drop_plan(found.space, c)
+        pruned = drop(loaded.model, planned, loaded.tokenizer, folder / "hf")
+        _copy_terms(loaded, folder / "hf")
+        planned.write(folder)
+    with stage("export", timings):
+        original_onnx = baseline_onnx(loaded, recipe.export)
+    with stage("quantize", timings):
+        path = export_choice(pruned, found.space, c, found.evaluator, recipe, loaded.tokenizer, folder / f"onnx-{name}")
+        _copy_terms(loaded, path.parent)
+    with stage("package", timings):
+        packages = package({name: path}, pruned, loaded.tokenizer, recipe.export, folder)
+    with stage("validate", timings):
+        work = folder / "validation"
+        work.mkdir()
+        spec = gates_with_floor(recipe.validate_, name, limits.max_perplexity_increase_pct)
+        params = {"original": _params_m(loaded.model), "compressed": _params_m(pruned)}
+        # parity against the pruned model with the file's own weights: what is left is the export's error
+        with fake_quantized(pruned, structure_weights(found.space.structure(c), found.evaluator)):
+            validation = validate(original_onnx, {name: path}, params, pruned, data, spec, work, original_onnx.parent)
+        measured = measured_footprint(recipe, path, work)
+        shutil.rmtree(work)
+    with stage("report", timings):
+        budget = choice(recipe, name, limits, found.space, c, found.kl[name], path, measured)
+        budget.write(folder)
+        report = Report(name=recipe.name if folder.name != name else f"{recipe.name} / {name}", plan=planned,
+                        heal=None, validation=validation, packages=packages, stage_seconds=dict(timings),
+                        wall_seconds=round(time.perf_counter() - start, 1), budget=budget)
+        write_report(report, scores, folder)
     return report
 
 
@@ -389,21 +538,52 @@ def _params_m(model) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def write_report(report: Report, scores: Scores, folder: Path) -> None:
+def write_report(report: Report, scores: Scores, folder: Path, head_scores: HeadScores | None = None) -> None:
+    from .measure.heads_report import plot_heads
     from .measure.report import markdown, plot_importance
 
     report.write(folder)
     plot_importance(scores, report.plan, folder / "importance.png")
-    (folder / "report.md").write_text(markdown(report))
+    if head_scores is not None:
+        plot_heads(head_scores, report.head_plan, folder / "heads.png")
+    (folder / "report.md").write_text(markdown(report, head_scores))
 
 
 def _manifest(folder: Path, recipe: Recipe, loaded, variants: dict[str, Path], report: Report) -> None:
     from .rundir import sha256_json, write_manifest
 
     write_manifest(folder, {"name": recipe.name, "recipe_sha256": sha256_json(recipe.resolved()),
-                            "source_model": {"description": loaded.description, "sha256": loaded.source_sha256},
+                            "source_model": {"description": loaded.description, "sha256": loaded.source_sha256,
+                                             "terms": [t.name for t in loaded.terms]},
                             "variants": {name: str(path.relative_to(folder)) for name, path in variants.items()},
                             "passed": report.passed})
+
+
+# ---------------------------------------------------------------- head analysis alone
+
+def heads(recipe: Recipe, out: Path | None = None) -> Path:
+    """`slimformer heads`: the head analysis of the recipe's model into a folder of its own (heads.json,
+    heads.png, heads.md); with a head drop in the recipe, the groups it would remove too (head_plan.json)."""
+    from .measure.heads_report import heads_section, plot_heads
+    from .rundir import new_run_path, staged_folder
+
+    prepared = prepare(recipe)
+    model, tokenizer, name = prepared.loaded.model, prepared.loaded.tokenizer, prepared.loaded.description
+    final = Path(out) if out is not None else new_run_path(recipe.output.dir, f"{recipe.name}-heads")
+    with staged_folder(final) as tmp:
+        with stage("heads"):
+            head_scores = analyse_heads(model, tokenizer, recipe, name)
+            head_plan = None
+            if recipe.drop.prunes_heads:
+                head_plan = plan_heads(head_scores, recipe.drop, plan(score(model, tokenizer, recipe.calibration, name),
+                                                                      recipe.drop))
+                head_plan.write(tmp)
+        head_scores.write(tmp)
+        plot_heads(head_scores, head_plan, tmp / "heads.png")
+        text = "\n".join([f"# Attention heads: {recipe.name}", *heads_section(head_scores, head_plan)]) + "\n"
+        (tmp / "heads.md").write_text(text)
+    print(text + f"\nfolder: {final}")
+    return final
 
 
 # ---------------------------------------------------------------- a finished run on other targets

@@ -12,10 +12,23 @@ TINY = dict(
 )
 
 
+# Gemma 3: a window shorter than the test prompts, and kinds mixed so that dropping attention layers 0 and 2
+# leaves slots whose kinds differ from the config's first ones (transformers types cache slots by the config).
+TINY_GEMMA3 = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, rope_local_base_freq=100.0,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
+
+
+def fused_architectures() -> list[str]:
+    """The adapter rows the fused decoder export writes (the others export with the optimum graph)."""
+    from pipeline.model.adapters import ADAPTERS
+
+    return sorted(a for a, ad in ADAPTERS.items() if ad.fused_graph)
+
+
 def tiny_config(model_type: str = "llama", **overrides):
     from transformers import AutoConfig
 
-    kwargs = {**TINY, **overrides}
+    kwargs = {**TINY, **(TINY_GEMMA3 if model_type == "gemma3_text" else {}), **overrides}
     if model_type in ("qwen3",):
         kwargs.setdefault("head_dim", 16)
     return AutoConfig.for_model(model_type, **kwargs)

@@ -7,7 +7,7 @@ from pipeline.errors import ModelError
 from pipeline.model.prune import drop_sublayers
 from pipeline.model.scoring import score_model
 
-TESTED = {"llama", "mistral", "qwen2", "qwen3"}
+TESTED = {"gemma3_text", "llama", "mistral", "qwen2", "qwen3"}
 
 
 def test_every_adapter_has_a_tiny_model_test():
@@ -26,7 +26,7 @@ def test_score_and_drop_each_architecture(arch):
 def test_unsupported_architecture_names_itself_and_the_supported_ones():
     from transformers import GPT2Config
 
-    with pytest.raises(ModelError, match=r"'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ModelError, match=r"'gpt2' is not supported; supported: gemma3_text, llama, mistral, qwen2, qwen3"):
         adapter_for(GPT2Config())
 
 

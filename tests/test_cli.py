@@ -86,7 +86,7 @@ def test_unsupported_gguf_architecture_fails_in_seconds_naming_it(tmp_path, caps
     assert main(["run", str(recipe)]) == 2
     assert time.perf_counter() - start < 30
     err = capsys.readouterr().err
-    assert "architecture 'phi3' (GGUF general.architecture) is not supported; supported: llama" in err
+    assert "architecture 'phi3' (GGUF general.architecture) is not supported; supported: gemma3_text, llama" in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -122,7 +122,7 @@ def test_console_shows_stages_and_the_log_keeps_library_noise(tiny_project):
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("[") for line in lines), lines  # stage lines, nothing else
-    assert "[11/11] report done" in proc.stderr and "wall time:" in proc.stdout
+    assert "[13/13] report done" in proc.stderr and "wall time:" in proc.stdout
     [final] = (tiny_project.parent / "runs").iterdir()
     assert noise in (final / "run.log").read_text()
     verbose = subprocess.run([sys.executable, "-m", "pipeline.cli", "--verbose", "run", str(tiny_project)],

@@ -67,6 +67,22 @@ def test_traced_wrapper_matches_model_for_every_architecture(arch):
     assert all(tuple(getattr(traced, n).shape) == (1, kv_heads, CTX, head_dim) for n in names)
 
 
+@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+def test_head_pruned_states_have_each_layers_kv_heads(arch, tmp_path):
+    from pipeline.export.coreml import _traced_wrapper
+    from pipeline.model.prune_heads import prune_heads
+
+    model = prune_heads(drop_sublayers(tiny_model(arch), attention=[2], mlp=[]), {0: [1]}, {3: [1, 3]})
+    traced, names = _traced_wrapper(model, CTX, stateful=True)  # checked against the model (prefill + decode)
+    head_dim = model.model.layers[0].self_attn.head_dim
+    assert [tuple(getattr(traced, n).shape) for n in names[::2]] == [(1, h, CTX, head_dim) for h in (1, 2, 2)]
+    if arch == "llama":  # one conversion is enough to see the states in the package
+        package = export_coreml(model, tmp_path, CoreMLSpec(context_length=CTX, stateless=False))[0]
+        assert package.states["key_cache_0"] == [1, 1, CTX, head_dim] and package.kv_states == 6
+        assert json.loads(describe_package(package.path)["metadata"]["slimformer.kept_heads"]) == {
+            "0": {"query": [0, 1], "kv": [0]}, "3": {"query": [0, 2], "kv": [0, 1]}}
+
+
 def test_pruned_stateful_package_has_state_only_for_kept_attention(pruned_packages):
     _, packages = pruned_packages
     base = packages["stateful-fp16"]
@@ -108,6 +124,15 @@ def test_unpruned_has_four_kv_layers(unpruned_packages):
     assert [p.variant for p in unpruned_packages] == ["stateful-fp16"]
     assert unpruned_packages[0].kv_states == 8
     assert unpruned_packages[0].states["value_cache_3"] == [1, 2, CTX, 16]
+
+
+def test_sliding_window_model_converts_with_state_only_for_kept_slots(tmp_path):
+    # tiny Gemma 3 (window 4): the traced wrapper applies each sliding layer's window itself (checked against the
+    # model on 6 tokens before converting); kept layers 1 (full) and 3 (sliding) get one state pair each
+    model = drop_sublayers(tiny_model("gemma3_text"), attention=[0, 2], mlp=[3])
+    [package] = export_coreml(model, tmp_path, CoreMLSpec(context_length=CTX))
+    assert package.states == {f"{kind}_cache_{slot}": [1, 2, CTX, 16] for slot in (0, 1) for kind in ("key", "value")}
+    assert package.op_counts["softmax"] == 2 and package.op_counts["write_state"] == 4
 
 
 def test_every_attention_dropped_refuses_stateful_but_exports_stateless(tmp_path):

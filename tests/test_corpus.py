@@ -8,14 +8,15 @@ from pipeline.errors import DataError
 
 
 class WordTokenizer:
-    """Stands in for a Hugging Face tokenizer: one id per whitespace word, ids in order of first use."""
+    """Stands in for a Hugging Face tokenizer: one id per whitespace word, ids in order of first use; with `bos`,
+    that id leads every text encoded with special tokens (as Gemma's tokenizer does)."""
 
-    def __init__(self):
-        self.vocab = {}
+    def __init__(self, bos: int | None = None):
+        self.vocab, self.bos = {}, bos
 
     def __call__(self, text, add_special_tokens=True, verbose=True):
-        assert add_special_tokens is False
-        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
+        ids = [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+        return {"input_ids": ([self.bos] if add_special_tokens and self.bos is not None else []) + ids}
 
 
 def prose(prefix: str, n: int) -> str:
@@ -41,6 +42,14 @@ def test_token_windows_shape_and_spread():
     assert all(np.diff(windows[0]) == 1)  # consecutive tokens
     names = {w for w, i in tok.vocab.items() if i in set(flat)}
     assert any(w.startswith("a") for w in names) and any(w.startswith("b") for w in names)  # both texts used
+
+
+def test_token_windows_start_with_the_tokenizers_start_token():
+    texts = [" ".join(f"a{i}" for i in range(100))]
+    windows = corpus.token_windows(WordTokenizer(bos=999), texts, n=4, seq_len=10)
+    assert windows.shape == (4, 10) and (windows[:, 0] == 999).all()
+    assert all((np.diff(w[1:]) == 1).all() for w in windows)  # then 9 consecutive tokens of running text
+    assert corpus.start_tokens(WordTokenizer()) == [] and corpus.start_tokens(WordTokenizer(bos=7)) == [7]
 
 
 def test_token_windows_too_short_says_found_and_needed():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from conftest import left_padded_batch, tiny_model
+from conftest import fused_architectures, left_padded_batch, tiny_model
 from pipeline.config.quantize import QuantSpec
 from pipeline.errors import ExportError
 from pipeline.export.fused import export_fused
@@ -39,7 +39,7 @@ def _trace_error(model, path, quantizer=None):
     return compare_traces(reference, got), lm
 
 
-@pytest.mark.parametrize("arch", sorted(ADAPTERS))
+@pytest.mark.parametrize("arch", fused_architectures())
 def test_pruned_fused_graph_matches_pytorch(arch, tmp_path):
     model = drop_sublayers(tiny_model(arch), attention=[1], mlp=[2])
     export = export_fused(model, tmp_path)
@@ -50,6 +50,13 @@ def test_pruned_fused_graph_matches_pytorch(arch, tmp_path):
     windows = np.random.default_rng(0).integers(3, 256, (2, 24))
     assert perplexity(lm, windows)["perplexity"] == pytest.approx(
         perplexity(TorchLM(model), windows)["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(a for a, ad in ADAPTERS.items() if not ad.fused_graph))
+def test_architectures_without_a_fused_layout_are_refused(arch, tmp_path):
+    with pytest.raises(ExportError, match=f"cannot write {arch} models.*export.graph: optimum"):
+        export_fused(tiny_model(arch), tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_fused_graph_has_one_attention_node_per_kept_layer_and_stores_the_table_once(tmp_path):
@@ -83,6 +90,28 @@ def test_quantised_file_computes_what_fake_quantisation_computes(entry, tmp_path
     assert stats.max_abs_error < 1e-3 and stats.top1_agreement == 1.0, stats
     unquantised, _ = _trace_error(model, export_fused(model, tmp_path / "fp32").path, quantizer)
     assert unquantised.max_abs_error > 10 * stats.max_abs_error  # the comparison can tell fp32 from quantised
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_head_pruned_layers_get_their_own_head_counts(quantised, tmp_path):
+    """Layers keeping 1, 2 and 1 of 2 KV groups (and 2 of 4 query heads): each GroupQueryAttention node and KV
+    input has its layer's counts, and the file (fp32, or 4-bit with o's narrower input) decodes like PyTorch."""
+    import onnx
+
+    from pipeline.model.prune_heads import prune_heads
+
+    model = prune_heads(drop_sublayers(tiny_model("llama"), attention=[1], mlp=[]), {0: [0], 3: [1]}, {2: [0, 3]})
+    quantizer = make_quantizer(SPEC.validate_python({"kind": "onnx-int4", "block_size": 16, "accuracy_level": 1}),
+                               tied=True) if quantised else None
+    export = export_fused(model, tmp_path, quantizer, accuracy_level=1)
+    graph = onnx.load(str(export.path)).graph
+    counts = [(onnx.helper.get_node_attr_value(n, "num_heads"), onnx.helper.get_node_attr_value(n, "kv_num_heads"))
+              for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert counts == [(2, 1), (2, 2), (2, 1)]
+    past = [i.type.tensor_type.shape.dim[1].dim_value for i in graph.input if i.name.endswith(".key")]
+    assert past == [1, 2, 1]
+    stats, lm = _trace_error(model, export.path, quantizer)
+    assert stats.max_abs_error < 1e-3 and stats.top1_agreement == 1.0, stats
 
 
 def _gguf_copy(model, path, kind="Q4_1"):

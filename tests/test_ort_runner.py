@@ -68,6 +68,20 @@ def test_greedy_trace_matches_torch_pruned(tmp_path):
     _assert_parity(model, lm)
 
 
+def test_head_pruned_graph_has_per_layer_kv_and_matches_torch(tmp_path):
+    """KV bytes per token sum each layer's own KV heads; the cached decode under left padding is exact."""
+    from pipeline.export.onnx import export_onnx
+    from pipeline.model.prune import drop_sublayers
+    from pipeline.model.prune_heads import prune_heads
+
+    model = prune_heads(drop_sublayers(tiny_model("llama"), attention=[1], mlp=[]), {0: [0], 3: [1]}, {2: [0, 3]})
+    lm = OnnxLM(export_onnx(model, tmp_path).path, threads=1)
+    assert [lm.past_shapes[f"past_key_values.{i}.key"] for i in range(3)] == [(1, 16), (2, 16), (1, 16)]
+    assert kv_bytes_per_token(lm) == 2 * (1 + 2 + 1) * 16 * 4
+    assert lm.empty_past(2)["past_key_values.1.value"].shape == (2, 2, 0, 16)
+    _assert_parity(model, lm)
+
+
 def _scratch_scores(lm, context, choices):
     """Each context+choice scored as one sequence from an empty cache: the slow, obvious way."""
     scores = []

@@ -60,6 +60,42 @@ def test_saved_pruned_folder_reloads_identically(tiny_project):
     assert np.abs(logits - ref).max() < 1e-4
 
 
+def test_head_pruned_run_shrinks_kv_per_layer_and_reports_heads(tiny_project):
+    from pipeline.artifacts import HeadPlan, HeadScores
+    from pipeline.model.loading import load_model
+    from pipeline.model.prune_heads import kv_heads_per_layer
+
+    data = yaml.safe_load(tiny_project.read_text())
+    data["drop"] = {"attention": 1, "heads": 2, "query_heads": {0: [0, 2]}}
+    data["export"] = {"genai": True}
+    tiny_project.write_text(yaml.safe_dump(data))
+    final = run(load_recipe(tiny_project))
+    report, head_plan = Report.read(final), HeadPlan.read(final)
+    assert report.head_plan == head_plan and head_plan.removed_groups == 2 and head_plan.method == "global"
+    assert head_plan.query_heads == {0: (0, 2)} and len(HeadScores.read(final).importance) == 4
+    kept = [k for k in head_plan.kv_heads if k]
+    assert len(kept) == 3 and sum(kept) == 3 * 2 - 2  # 3 kept attention layers of 2 KV heads, 2 groups removed
+    orig, comp = report.validation.models["original"], report.validation.models["compressed"]
+    assert comp.kv_kb_per_token == pytest.approx(orig.kv_kb_per_token * sum(kept) / (4 * 2))
+    assert report.validation.parity["compressed"].top1_agreement == 1.0 and report.passed
+    assert kv_heads_per_layer(load_model("hf", path=final / "hf").model) == list(head_plan.kv_heads)
+    assert {"heads.json", "head_plan.json", "heads.png", "genai-compressed"} <= {p.name for p in final.iterdir()}
+    md = (final / "report.md").read_text()
+    assert "## Attention heads" in md and "2 KV groups and 2 further query heads removed" in md
+
+
+def test_heads_command_writes_the_analysis(tiny_project, tmp_path, capsys):
+    data = yaml.safe_load(tiny_project.read_text())
+    data["heads"] = {"samples": 2}
+    data["drop"] = {"heads": {1: [0]}}
+    tiny_project.write_text(yaml.safe_dump(data))
+    assert main(["heads", str(tiny_project), "--out", str(tmp_path / "h")]) == 0
+    assert {p.name for p in (tmp_path / "h").iterdir()} == {"heads.json", "head_plan.json", "heads.png", "heads.md"}
+    assert json.loads((tmp_path / "h" / "head_plan.json").read_text())["kv_groups"] == {"1": [0]}
+    out = capsys.readouterr().out
+    assert "least important KV groups" in out and "| 1 | [0] |" in out
+
+
 def test_failed_gate_exits_nonzero_and_names_the_gate(tiny_project, capsys):
     data = yaml.safe_load(tiny_project.read_text())
     data["drop"] = {"attention": 2}
@@ -91,6 +127,18 @@ def test_sweep_measures_each_variant(tiny_project, tmp_path):
     assert all("decode_p50_ms" in r for r in rows if r["variant"] in ("none", "attention"))
     assert "decode_p50_ms" not in rows[-1]
     assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == rows
+
+
+def test_heads_sweep_compares_ranked_random_and_sublayer_drops(tiny_project, tmp_path):
+    from pipeline.bench.heads_sweep import heads_sweep
+
+    rows = heads_sweep(load_recipe(tiny_project), counts=[1, 2], out=str(tmp_path / "heads.json"))
+    assert [(r["variant"], r["kv_groups_removed"]) for r in rows] == [
+        ("none", 0), ("heads", 1), ("heads, random", 1), ("heads", 2), ("heads, random", 2), ("attention", 2)]
+    assert [r["kv_heads"] for r in rows] == [8, 7, 7, 6, 6, 6]  # 4 layers x 2 KV heads
+    assert len(rows[-1]["attention_dropped"]) == 1 and len(rows[3]["groups"]) == 2
+    assert all(np.isfinite(r["perplexity"]) for r in rows)
+    assert json.loads((tmp_path / "heads.json").read_text())["rows"] == rows
 
 
 def test_quantised_variants_and_mobile_packages_in_one_run(tiny_project):

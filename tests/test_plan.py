@@ -62,3 +62,76 @@ def test_kv_bytes():
     # SmolLM2-135M: 30 layers, 3 KV heads of 64, fp32 -> 46080 bytes per token
     assert kv_bytes_per_token(30, 3, 64) == 46080
     assert kv_bytes_per_token(26, 3, 64) == 46080 * 26 // 30
+
+
+# ---------------------------------------------------------------- heads
+
+def head_scores(groups, heads_per_group: int = 2) -> "HeadScores":
+    """HeadScores whose group scores are `groups` ([layer][group]); per-head figures are placeholders."""
+    from pipeline.artifacts import HeadScores
+
+    heads = tuple(tuple(0.0 for _ in range(len(g) * heads_per_group)) for g in groups)
+    return HeadScores(model="m", metric="cosine", tokens=1, seq_len=8, importance=heads,
+                      group_importance=tuple(map(tuple, groups)), distance=heads, entropy=heads, sink=heads,
+                      similarity=tuple(() for _ in groups))
+
+
+GROUPS = [(0.5, 0.01), (0.02, 0.03), (0.04, 0.6), (0.001, 0.002)]
+
+
+def test_global_head_drop_takes_lowest_groups_and_keeps_one_per_layer():
+    from pipeline.model.plan import plan_heads
+
+    plan = plan_heads(head_scores(GROUPS), heads=3)
+    # layer 3's two groups are the two lowest, but one must stay: the next lowest (layer 0, group 1) goes instead
+    assert plan.kv_groups == {0: (1,), 1: (0,), 3: (0,)} and plan.method == "global"
+    assert [u[:2] for u in plan.order] == [(3, 0), (0, 1), (1, 0)]
+    assert plan.kv_heads == (1, 1, 2, 1) and plan.removed_groups == 3
+
+
+def test_head_drop_skips_layers_whose_attention_is_dropped():
+    from pipeline.model.plan import plan_heads
+
+    plan = plan_heads(head_scores(GROUPS), heads=2, dropped_attention=(3,))
+    assert plan.kv_groups == {0: (1,), 1: (0,)} and plan.kv_heads == (1, 1, 2, 0)
+
+
+def test_per_layer_heads_and_query_heads():
+    from pipeline.model.plan import plan_heads
+
+    plan = plan_heads(head_scores(GROUPS), heads={2: [0]}, query_heads={1: [0, 3]})
+    assert plan.method == "per-layer" and plan.kv_groups == {2: (0,)} and plan.query_heads == {1: (0, 3)}
+    assert plan.kv_heads == (2, 2, 1, 2) and plan.removed_query_heads == 2
+
+
+def test_global_ranking_keeps_groups_even_where_query_heads_are_removed():
+    from pipeline.model.plan import plan_heads
+
+    # layer 0 also loses one query head per group; its group 0 can still go, leaving group 1 with one head
+    plan = plan_heads(head_scores([(0.001, 0.9), (0.5, 0.6)]), heads=1, query_heads={0: [0, 3]})
+    assert plan.kv_groups == {0: (0,)}
+
+
+@pytest.mark.parametrize("heads, query, dropped, problem", [
+    ({4: [0]}, {}, (), "layer 4 has no attention sublayer left"),
+    ({3: [0]}, {}, (3,), "layer 3 has no attention sublayer left"),
+    ({1: [0, 1]}, {}, (), "removes the attention sublayer"),
+    ({}, {2: [0]}, (), "same number"),
+    ({0: [2]}, {}, (), "out of range"),
+    (7, {}, (), "7 KV groups requested but only 4 can go"),
+])
+def test_head_plan_problems_name_the_field(heads, query, dropped, problem):
+    from pipeline.errors import RecipeError
+    from pipeline.model.plan import plan_heads
+
+    with pytest.raises(RecipeError, match=problem):
+        plan_heads(head_scores(GROUPS), heads=heads, query_heads=query, dropped_attention=dropped)
+
+
+def test_head_plan_round_trips(tmp_path):
+    from pipeline.artifacts import HeadPlan
+    from pipeline.model.plan import plan_heads
+
+    plan = plan_heads(head_scores(GROUPS), heads=2, query_heads={2: [0, 2]})
+    plan.write(tmp_path)
+    assert HeadPlan.read(tmp_path) == plan

@@ -3,7 +3,8 @@ import torch
 
 from conftest import left_padded_batch, tiny_model
 from pipeline.model.adapters import ADAPTERS
-from pipeline.model.prune import drop_lists, drop_sublayers, kept_attention_layers, restore_structure_inplace
+from pipeline.model.prune import (drop_lists, drop_sublayers, kept_attention_layers, kv_cache,
+                                  restore_structure_inplace, slot_kinds)
 
 
 def greedy_without_cache(model, ids, mask, steps):
@@ -26,6 +27,26 @@ def test_pruned_cached_decode_matches_recompute_on_left_padded_batch(arch):
     assert torch.equal(out, greedy_without_cache(model, ids, mask, 8))
 
 
+def test_mixed_window_model_keeps_one_slot_per_kept_layer_and_decodes_like_recompute():
+    # tiny Gemma 3: layers sliding, full, sliding, sliding (window 4); dropping attention 0 and 2 leaves
+    # slots [full, sliding] where the config's first two kinds are [sliding, full]
+    model = drop_sublayers(tiny_model("gemma3_text"), attention=[0, 2], mlp=[3])
+    assert slot_kinds(model) == ["full_attention", "sliding_attention"]
+    assert [model.model.layers[i].self_attn.layer_idx for i in kept_attention_layers(model)] == [0, 1]
+    ids, mask = left_padded_batch()  # 9 tokens and 8 decode steps: well past the window
+    want = greedy_without_cache(model, ids, mask, 8)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        default = model.generate(**kwargs)  # the cache transformers builds for this model
+        windowed = model.generate(**kwargs, past_key_values=kv_cache(model), cache_implementation=None)
+    for out in (default, windowed):
+        assert torch.equal(out.sequences, want)
+        assert len(out.past_key_values.layers) == 2  # no slot for a dropped layer
+    assert windowed.past_key_values.layers[1].keys.shape[-2] == 3  # the sliding slot keeps window - 1
+    assert windowed.past_key_values.layers[0].keys.shape[-2] == 16  # 9 prompt + 7 fed back
+
+
 def test_dropped_sublayers_are_gone_and_kv_slots_renumbered():
     base = tiny_model("llama")
     model = drop_sublayers(base, attention=[1, 2], mlp=[0])
@@ -44,10 +65,11 @@ def test_dropped_sublayers_are_gone_and_kv_slots_renumbered():
     assert n_base - n_pruned == 2 * attn + mlp
 
 
-def test_saved_pruned_folder_reloads_to_identical_logits(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_saved_pruned_folder_reloads_to_identical_logits(tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
-    model = drop_sublayers(tiny_model("qwen3"), attention=[3], mlp=[1])
+    model = drop_sublayers(tiny_model(arch), attention=[3], mlp=[1])
     model.save_pretrained(tmp_path)
     reloaded = restore_structure_inplace(AutoModelForCausalLM.from_pretrained(tmp_path)).eval()
     ids, mask = left_padded_batch()

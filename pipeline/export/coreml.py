@@ -1,8 +1,8 @@
 """Export a (possibly pruned) causal LM to Core ML .mlpackage files (iOS 18 / macOS 15 target, fp16).
 
 Configured by `pipeline.config.coreml.CoreMLSpec`. Owns the torch wrapper that runs the decoder layers with an explicit causal mask
-and one key and one value state per kept attention layer (none for dropped ones), the conversion and weight
-compression calls; returns `CoreMLPackage` records. `describe_package` is the structural check that works
+and one key and one value state per kept attention layer (none for dropped ones; sliding-window layers apply
+their window to the mask themselves), the conversion and weight compression calls; returns `CoreMLPackage` records. `describe_package` is the structural check that works
 on Linux; numerics need macOS (`predict_parity`).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -20,9 +20,10 @@ from ..artifacts import CoreMLNumerics, CoreMLPackage
 from ..config import checks as config_checks
 from ..config.coreml import CoreMLSpec
 from ..errors import ExportError, ModelError
-from ..model.adapters import adapter_for, decoder_layers, get_path
+from ..model.adapters import adapter_for, decoder_layers, get_path, sliding_window
 from ..model.loading import info_from_config
 from ..model.prune import drop_lists, kept_attention_layers
+from ..model.prune_heads import kept_heads
 
 WEIGHTS_DIR = Path("Data/com.apple.CoreML/weights")
 # fp32 torch wrapper vs the model it wraps: ~1e-6 relative; a wrong cache slot or position: ~1e-1.
@@ -106,15 +107,16 @@ def _decoder_class() -> type:
         def __init__(self, model, context_length: int | None):
             super().__init__()
             ad = adapter_for(model.config)
-            self.embed, self.rotary = get_path(model, ad.embed), get_path(model, ad.rotary)
+            self.embed, self.rope_inputs = get_path(model, ad.embed), partial(ad.rope_inputs, model)
             self.layers = torch.nn.ModuleList(decoder_layers(model))
+            self.windows = [sliding_window(layer, model.config) for layer in self.layers]
             self.norm, self.lm_head = get_path(model, ad.final_norm), get_path(model, ad.lm_head)
-            kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
             dtype = next(model.parameters()).dtype
             self.state_names, self._past = [], 0
             for attn in (getattr(layer, ad.attention) for layer in self.layers):
                 if attn is None or context_length is None:
                     continue
+                kv_heads = getattr(attn, ad.k_proj).out_features // attn.head_dim  # per layer: heads may be pruned
                 for kind in ("key", "value"):
                     self.state_names.append(f"{kind}_cache_{attn.layer_idx}")
                     self.register_buffer(self.state_names[-1],
@@ -136,11 +138,16 @@ def _decoder_class() -> type:
             self._past = end - input_ids.shape[-1]
             hidden = self.embed(input_ids)
             positions = torch.arange(self._past, end).unsqueeze(0)
-            rope = self.rotary(hidden, positions)
+            rope = self.rope_inputs(hidden, positions)
             cache_ = self if self.state_names else None
-            for layer in self.layers:
-                hidden = layer(hidden, attention_mask=causal_mask, position_ids=positions, past_key_values=cache_,
-                               use_cache=cache_ is not None, position_embeddings=rope)
+            masks = {None: causal_mask}
+            for layer, window in zip(self.layers, self.windows):
+                if window not in masks:  # a sliding layer also hides keys `window` or more tokens back
+                    too_far = positions[0, :, None] - torch.arange(end)[None, :] >= window
+                    masks[window] = causal_mask.masked_fill(too_far, float("-inf"))
+                out = layer(hidden, attention_mask=masks[window], position_ids=positions, past_key_values=cache_,
+                            use_cache=cache_ is not None, **rope)
+                hidden = out[0] if isinstance(out, tuple) else out
             return self.lm_head(self.norm(hidden))
 
     return CoreMLDecoder
@@ -237,6 +244,7 @@ def _save(mlmodel, model, out_dir: Path, variant: str, context_length: int) -> C
         "slimformer.variant": variant, "slimformer.context_length": str(context_length),
         "slimformer.kept_attention_layers": json.dumps(kept_attention_layers(model)),
         "slimformer.dropped": json.dumps(drop_lists(model)), "slimformer.causal_mask": MASK_CONTRACT,
+        "slimformer.kept_heads": json.dumps(kept_heads(model)),
     })
     mlmodel.input_description["causal_mask"] = MASK_CONTRACT
     mlmodel.save(str(path))

@@ -7,8 +7,9 @@ The graph is written from the adapter table and the modules' own weights, so the
 compressed model is kept: a dropped attention sublayer has no norm, no attention node and no KV; a dropped MLP
 has nothing. Inputs: input_ids, attention_mask [batch, total length] (positions come from it: no left
 padding), past_key_values.{i}.key/.value [batch, kv_heads_i, past, head_dim]; outputs: logits and
-present.{i}.key/.value. Quantised weights with GGUF Q4_1 offsets get an exact fp32 correction: the input's
-per-block sums times the offsets.
+present.{i}.key/.value. The KV cache is fp32, or fp16 with `kv_dtype="fp16"` (half the KV memory:
+GroupQueryAttention then runs in fp16 between Casts, with fp16 rotary caches). Quantised weights with GGUF Q4_1
+offsets get an exact fp32 correction: the input's per-block sums times the offsets.
 """
 
 from __future__ import annotations
@@ -68,9 +69,13 @@ class _Graph:
         return self.const(name, array)
 
 
+KV_TYPES = ("fp32", "fp16")
+
+
 def export_fused(model, out_dir: Path, quantizer: Quantizer | None = None, accuracy_level: int = 4,
-                 opset: int = 18) -> OnnxExport:
-    """Write `out_dir/model.onnx` for `model` (not modified); quantised wherever `quantizer` says so."""
+                 opset: int = 18, kv_dtype: str = "fp32") -> OnnxExport:
+    """Write `out_dir/model.onnx` for `model` (not modified); quantised wherever `quantizer` says so, with a
+    KV cache of `kv_dtype` (fp32 or fp16)."""
     import onnx
     import torch
     from onnx import TensorProto, helper
@@ -78,12 +83,17 @@ def export_fused(model, out_dir: Path, quantizer: Quantizer | None = None, accur
     from .onnx import save_onnx
 
     ad, config = adapter_for(model.config), model.config
+    if not ad.fused_graph:
+        raise ExportError(f"the fused export cannot write {config.model_type} models (their norms, activation or "
+                          "rotary embeddings have no fused layout); export with export.graph: optimum")
     act = ACTIVATIONS.get(getattr(config, "hidden_act", None))
     if act is None:
         raise ExportError(f"the fused export supports the MLP activations {sorted(ACTIVATIONS)}, not "
                           f"{config.hidden_act!r}; export with export.graph: optimum")
+    if kv_dtype not in KV_TYPES:
+        raise ExportError(f"kv_dtype {kv_dtype!r} is not one of {KV_TYPES}")
     g = _Graph()
-    writer = _Writer(g, model, ad, quantizer or (lambda *a: None), accuracy_level)
+    writer = _Writer(g, model, ad, quantizer or (lambda *a: None), accuracy_level, kv_dtype)
     with torch.no_grad():
         logits, kv = writer.decoder()
     if not kv:
@@ -93,11 +103,12 @@ def export_fused(model, out_dir: Path, quantizer: Quantizer | None = None, accur
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, seq, config.vocab_size])]
+    kv_type = TensorProto.FLOAT16 if kv_dtype == "fp16" else TensorProto.FLOAT
     for slot, (heads, dim) in enumerate(kv):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{slot}.{kind}", TensorProto.FLOAT,
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{slot}.{kind}", kv_type,
                                                         [batch, heads, past, dim]))
-            outputs.append(helper.make_tensor_value_info(f"present.{slot}.{kind}", TensorProto.FLOAT,
+            outputs.append(helper.make_tensor_value_info(f"present.{slot}.{kind}", kv_type,
                                                          [batch, heads, total, dim]))
     graph = helper.make_graph(g.nodes, "slimformer-fused", inputs, outputs, g.inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
@@ -115,8 +126,9 @@ class _Writer:
     """Walks the decoder layer by layer, keeping the residual stream and the sublayer output not yet added to it
     (SkipSimplifiedLayerNormalization adds it while normalising for the next sublayer)."""
 
-    def __init__(self, g: _Graph, model, ad, quantizer: Quantizer, accuracy_level: int):
+    def __init__(self, g: _Graph, model, ad, quantizer: Quantizer, accuracy_level: int, kv_dtype: str = "fp32"):
         self.g, self.model, self.ad, self.quantizer, self.level = g, model, ad, quantizer, accuracy_level
+        self.half = kv_dtype == "fp16"
         self.config = model.config
         self.residual, self.pending = None, None
         self.groups = linear_groups(model)
@@ -174,15 +186,20 @@ class _Writer:
         q_k_v = [qkv, "", ""]
         if ad.q_norm is not None:  # per-head RMSNorm of queries and keys before rotary (the CPU kernel has none)
             q_k_v = self._qk_norm(attn, qkv, index, heads, kv_heads, dim)
+        if self.half:  # an fp16 cache: GroupQueryAttention takes every float input in one type
+            q_k_v = [g.op("Cast", [x], to=10) if x else x for x in q_k_v]
         inputs = [*q_k_v, f"past_key_values.{slot}.key", f"past_key_values.{slot}.value", *self.mask, cos, sin]
         sink = sink_of(attn)
         if sink is not None:  # inputs 9 and 10 (position ids, attention bias) unused; 11 is the per-head sink
+            sink = sink.astype(np.float16 if self.half else np.float32)
             inputs += ["", "", g.const(f"layers.{index}.head_sink", sink)]
         out, _, _ = g.op("GroupQueryAttention", inputs,
                          [f"/layers.{index}/attn", f"present.{slot}.key", f"present.{slot}.value"],
                          domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, do_rotary=1,
                          rotary_interleaved=0, scale=float(attn.scaling),
                          local_window_size=int(window) if window else -1)
+        if self.half:
+            out = g.op("Cast", [out], to=self.g.float)
         out = self._linear(out, f"layers.{index}.o")
         self.pending = self._post_norm(layer, ad.attention_post_norm, out, f"layers.{index}.attention_post_norm")
         return kv_heads, dim
@@ -266,9 +283,9 @@ class _Writer:
             rotary = get_path(self.model, self.ad.rotary)
             length = int(getattr(self.config, "max_position_embeddings", 4096))
             cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(length)[None])
-            half = cos.shape[-1] // 2
-            self._cos_sin = (self.g.const("cos_cache", cos[0, :, :half].float().numpy()),
-                             self.g.const("sin_cache", sin[0, :, :half].float().numpy()))
+            half, dtype = cos.shape[-1] // 2, np.float16 if self.half else np.float32
+            self._cos_sin = (self.g.const("cos_cache", cos[0, :, :half].float().numpy().astype(dtype)),
+                             self.g.const("sin_cache", sin[0, :, :half].float().numpy().astype(dtype)))
         return self._cos_sin
 
     def _embedding(self) -> str:

@@ -9,6 +9,7 @@ Rows may be permuted: transformers undoes llama.cpp's rotary reordering of q and
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,12 @@ class GgufBlocks:
         self.tensors = {t.name: t for t in reader.tensors}
         self.path = Path(path)
 
+    def type_of(self, param: str) -> str | None:
+        """The GGUF tensor type (Q4_1, Q8_0, F32...) that holds `param`, or None when the file has none."""
+        name = self.names.get_name(param)
+        tensor = self.tensors.get(f"{name}.weight") if name else None
+        return None if tensor is None else tensor.tensor_type.name
+
     def blocks_for(self, param: str, weight: np.ndarray) -> BlockQuant | None:
         """`param` (a module path such as model.layers.0.self_attn.q_proj) as the GGUF's blocks, rows in the
         model's order, if they dequantise exactly to `weight` [N, K]; else None."""
@@ -48,6 +55,17 @@ class GgufBlocks:
                           zero_points=None if blocks.zero_points is None else blocks.zero_points[order],
                           offsets=None if blocks.offsets is None else blocks.offsets[order],
                           bits=blocks.bits, block_size=blocks.block_size, k=blocks.k)
+
+
+def open_gguf(path: Path) -> GgufBlocks:
+    """One reader per file and process: reading a GGUF's metadata parses its whole vocabulary (seconds)."""
+    stat = Path(path).stat()
+    return _open(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _open(path: str, size: int, mtime_ns: int) -> GgufBlocks:
+    return GgufBlocks(Path(path))
 
 
 def _row_order(source: np.ndarray, weight: np.ndarray) -> np.ndarray | None:

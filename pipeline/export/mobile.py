@@ -203,17 +203,22 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _kv_layout(graph) -> tuple[int, int, int]:
-    """(KV slots, KV heads, head size) from the past_key_values inputs."""
+    """(KV slots, KV heads, head size) from the past_key_values inputs; KV heads is the largest slot's (head-pruned
+    layers have fewer)."""
     past = {int(m[1]): i for i in graph.input if (m := _PAST.match(i.name))}
     if not past or sorted(past) != list(range(len(past))):
         raise ExportError(f"the graph's KV inputs {sorted(past)} are not past_key_values.0..K-1.key; "
                           "onnxruntime-genai needs that layout (export with pipeline.export.onnx).")
-    dims = past[0].type.tensor_type.shape.dim
-    return len(past), dims[1].dim_value, dims[3].dim_value
+    dims = [i.type.tensor_type.shape.dim for i in past.values()]
+    return len(past), max(d[1].dim_value for d in dims), dims[0][3].dim_value
 
 
 def genai_config(graph, model_config, tokenizer, filename: str) -> dict:
-    """onnxruntime-genai's config for an optimum-layout decoder graph, search defaulting to greedy."""
+    """onnxruntime-genai's config for an optimum-layout decoder graph, search defaulting to greedy.
+
+    genai's config has one num_key_value_heads; without a shared past/present buffer (as here) genai 0.18 takes
+    each past input's shape from the graph, so layers with fewer KV heads (head pruning) run as they are
+    (tests/test_mobile.py checks genai's greedy tokens against PyTorch on such a folder)."""
     kv_layers, kv_heads, head_size = _kv_layout(graph)
     names = {i.name for i in graph.input}
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..artifacts import OnnxExport
 from ..errors import ExportError
-from ..model.prune import kept_attention_layers
+from ..model.prune import kept_attention_layers, kv_config as kv_config_of
+from ..model.prune_heads import kv_heads_per_layer
 
 TASK = "text-generation-with-past"
 ONNX_NAME = "model.onnx"
@@ -21,10 +22,13 @@ MIN_OPSET = 15
 LOGITS_RTOL = 1e-3
 
 
-def expected_names(kv_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The input and output names ORTModelForCausalLM expects for `kv_layers` KV slots."""
+def expected_names(kv_layers: int, position_ids: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The input and output names ORTModelForCausalLM expects for `kv_layers` KV slots. optimum gives some
+    families (Gemma) no position_ids input: positions then count from the first (padding) column, a constant
+    shift per row that rotary attention does not see."""
     slots = [f"{i}.{kind}" for i in range(kv_layers) for kind in ("key", "value")]
-    return (("input_ids", "attention_mask", "position_ids", *(f"past_key_values.{s}" for s in slots)),
+    positions = ("position_ids",) if position_ids else ()
+    return (("input_ids", "attention_mask", *positions, *(f"past_key_values.{s}" for s in slots)),
             ("logits", *(f"present.{s}" for s in slots)))
 
 
@@ -38,10 +42,10 @@ def export_onnx(model, out_dir: Path, opset: int = 18) -> OnnxExport:
     if kv_layers == 0:
         raise ExportError("every attention layer is dropped, so the model has no KV cache to export; "
                           "keep at least one attention layer in the drop plan.")
-    _run_optimum(model, out_dir, opset, kv_layers)
+    position_ids = _run_optimum(model, out_dir, opset)
     path = out_dir / ONNX_NAME
     inputs, outputs = _graph_names(path)
-    want_in, want_out = expected_names(kv_layers)
+    want_in, want_out = expected_names(kv_layers, position_ids)
     if (inputs, outputs) != (want_in, want_out):
         raise ExportError(f"exported graph has inputs {inputs} and outputs {outputs}; expected {want_in} and "
                           f"{want_out} for {kv_layers} kept attention layers. Check the optimum/transformers versions.")
@@ -51,7 +55,8 @@ def export_onnx(model, out_dir: Path, opset: int = 18) -> OnnxExport:
     return OnnxExport(path, kv_layers, inputs, outputs)
 
 
-def _run_optimum(model, out_dir: Path, opset: int, kv_layers: int) -> None:
+def _run_optimum(model, out_dir: Path, opset: int) -> bool:
+    """Export with optimum; whether its config for this family gives the graph a position_ids input."""
     from optimum.exporters.onnx import onnx_export_from_model
     from optimum.exporters.tasks import TasksManager
 
@@ -59,18 +64,36 @@ def _run_optimum(model, out_dir: Path, opset: int, kv_layers: int) -> None:
     work = copy.deepcopy(model)
     # The OnnxConfig sizes its KV inputs/outputs and dummy cache from the normalized num_layers, which
     # reads config.num_hidden_layers; only this copy, seen by the OnnxConfig alone, holds the kept count.
-    kv_config = copy.deepcopy(work.config)
-    kv_config.num_hidden_layers = kv_layers
+    kv_config = kv_config_of(work)
     try:
         constructor = TasksManager.get_exporter_config_constructor(
             "onnx", model=work, task=TASK, library_name="transformers")
         onnx_config = constructor(kv_config, use_past_in_inputs=True)
+        _per_slot_kv_heads(onnx_config, [h for h in kv_heads_per_layer(model) if h])
         # optimum exports with torch.onnx.export(dynamo=False) and patches transformers' vmap mask itself.
         onnx_export_from_model(work, out_dir, opset=opset, task=TASK, do_validation=False,
                                custom_onnx_configs={"model": onnx_config})
     except Exception as e:
         raise ExportError(f"optimum could not export this {model.config.model_type} model to ONNX "
                           f"(opset {opset}): {e}. Try another opset, or check the installed versions.") from e
+    return "position_ids" in onnx_config.inputs
+
+
+def _per_slot_kv_heads(onnx_config, kv_heads: list[int]) -> None:
+    """Make the config's dummy cache give slot i `kv_heads[i]` heads (head-pruned layers have fewer).
+
+    optimum sizes every slot's dummy KV from one num_key_value_heads, and the traced graph takes each past input's
+    head count from its dummy; so each slot's dummy is cut to its layer's count (slot i's layer computes with
+    exactly that many KV heads, so the trace is the model's own)."""
+    generate = onnx_config.generate_dummy_inputs
+
+    def per_slot(framework: str = "pt", **kwargs):
+        dummy = generate(framework, **kwargs)
+        if "past_key_values" in dummy:
+            dummy["past_key_values"] = [(k[:, :h], v[:, :h]) for (k, v), h in zip(dummy["past_key_values"], kv_heads)]
+        return dummy
+
+    onnx_config.generate_dummy_inputs = per_slot
 
 
 def _graph_names(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -170,6 +193,7 @@ def _check_logits(model, path: Path) -> None:
         want = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    feed = {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}}
     for i in session.get_inputs():
         if i.name.startswith("past_key_values"):
             feed[i.name] = np.zeros((len(ids), i.shape[1], 0, i.shape[3]), np.float32)

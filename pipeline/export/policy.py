@@ -5,7 +5,8 @@ Order of choice for a group: fp32 when the entry leaves it unquantised (the logi
 quantize_lm_head: false); the source GGUF's own blocks when every tensor of the group is unchanged and
 `source_blocks` is on; otherwise `algorithm` on the entry's grid at 4 bits (8 for int8 entries, for the logits
 table at lm_head_bits, and for the groups listed as eight-bit). GPTQ needs an input: an untied embedding (a pure
-lookup) is rounded to nearest instead.
+lookup) is rounded to nearest instead. `format_quantizer` is the same choice made per group by the budget
+search: a format (bits, block size, or the source's blocks) for every group.
 """
 
 from __future__ import annotations
@@ -38,15 +39,46 @@ def make_quantizer(spec, tied: bool, gguf: GgufBlocks | None = None, hessians: d
         if bits is None:
             return None
         if spec.source_blocks and gguf is not None:
-            reused = [gguf.blocks_for(p, part) for p, part in zip(params, parts)]
-            if all(r is not None for r in reused) and len({(r.bits, r.block_size) for r in reused}) == 1:
-                return w.concat_rows(reused)
-        weight = np.concatenate(parts)
-        if spec.algorithm == "hqq":
-            return w.hqq(weight, bits, spec.block_size)
-        if spec.algorithm == "gptq" and name in (hessians or {}):
-            return w.gptq(weight, hessians[name], bits, spec.block_size, spec.grid)
-        if spec.algorithm == "gptq" and name not in TABLES:
-            raise ValueError(f"gptq needs the calibration Hessian of group {name}")
-        return w.rtn(weight, bits, spec.block_size, spec.grid)
+            reused = source_blocks(gguf, parts, params)
+            if reused is not None:
+                return reused
+        return run_algorithm(spec.algorithm, spec.grid, name, np.concatenate(parts), bits, spec.block_size, hessians)
+    return quantize
+
+
+def source_blocks(gguf: GgufBlocks, parts: list[np.ndarray], params: list[str]) -> w.BlockQuant | None:
+    """The group's weight as the source GGUF's own blocks, when every part has them (unchanged) in one width."""
+    reused = [gguf.blocks_for(p, part) for p, part in zip(params, parts)]
+    if all(r is not None for r in reused) and len({(r.bits, r.block_size) for r in reused}) == 1:
+        return w.concat_rows(reused)
+    return None
+
+
+def run_algorithm(algorithm: str, grid: str, name: str, weight: np.ndarray, bits: int, block_size: int,
+                  hessians: dict[str, np.ndarray] | None = None) -> w.BlockQuant:
+    if algorithm == "hqq":
+        return w.hqq(weight, bits, block_size)
+    if algorithm == "gptq" and name in (hessians or {}):
+        return w.gptq(weight, hessians[name], bits, block_size, grid)
+    if algorithm == "gptq" and name not in TABLES:
+        raise ValueError(f"gptq needs the calibration Hessian of group {name}")
+    return w.rtn(weight, bits, block_size, grid)
+
+
+def format_quantizer(formats: dict, algorithm: str = "rtn", grid: str = "symmetric", gguf: GgufBlocks | None = None,
+                     hessians: dict[str, np.ndarray] | None = None):
+    """The quantizer of a searched structure: group -> `pipeline.model.structure.Format` (absent or None: fp32).
+    A source format reuses the GGUF's blocks, and fails loudly when they cannot be (the cost model and the
+    search assumed them)."""
+    def quantize(name: str, parts: list[np.ndarray], params: list[str]) -> w.BlockQuant | None:
+        fmt = formats.get(name)
+        if fmt is None:
+            return None
+        if fmt.source:
+            reused = source_blocks(gguf, parts, params) if gguf is not None else None
+            if reused is None:
+                raise ValueError(f"{name}: the source GGUF's blocks cannot be reused (no GGUF, or the weights "
+                                 "changed since it was read)")
+            return reused
+        return run_algorithm(algorithm, grid, name, np.concatenate(parts), fmt.bits, fmt.block_size, hessians)
     return quantize

@@ -47,7 +47,8 @@ class OnnxLM:
         # key before value within a slot, slots in numeric order (not string order: 10 < 2)
         self.past_names = sorted(past, key=lambda n: (int(_PAST.match(n)[1]), _PAST.match(n)[2] != "key"))
         fallback = _genai_shape(Path(self.path).with_name("genai_config.json"))
-        self.past_shapes = {n: _kv_shape(inputs[n], fallback) for n in self.past_names}  # (kv_heads, head_dim)
+        # (kv_heads, head_dim) per past input: head-pruned layers keep fewer KV heads than others
+        self.past_shapes = {n: _kv_shape(inputs[n], fallback) for n in self.past_names}
         types = {inputs[n].type for n in self.past_names}
         if types - set(_KV_DTYPES):
             raise ValueError(f"KV inputs have types {sorted(types)}; expected one of {sorted(_KV_DTYPES)}")
@@ -216,6 +217,35 @@ def latency(lm: OnnxLM, prefill_tokens: int = 128, decode_context: int = 256, de
             "decode_context": decode_context, "decode_steps": decode_steps}
 
 
+MEMORY_CHUNK = 128  # prefill chunk of the memory protocol: what an app feeds a long prompt in
+MEMORY_DECODE_STEPS = 16
+
+
+def memory_protocol(lm: OnnxLM, context: int, chunk: int = MEMORY_CHUNK, decode_steps: int = MEMORY_DECODE_STEPS,
+                    seed: int = 0) -> dict:
+    """The budget's memory protocol, run in a fresh process: prefill `context` tokens in chunks of `chunk` (batch
+    1), then decode `decode_steps` tokens one at a time. Returns the peak RSS after it (model load, KV cache at
+    `context` tokens, activations) and the decode ms per token (median) with `context` tokens cached."""
+    rng = np.random.default_rng(seed)
+    high = lm.vocab_size or 1000
+    loaded = peak_rss_mb()
+    ids = rng.integers(3, high, (1, context))
+    past = lm.empty_past(1)
+    for start in range(0, context, chunk):
+        piece = ids[:, start:start + chunk]
+        length = start + piece.shape[1]
+        _, past = lm.forward(piece, np.ones((1, length), np.int64), np.arange(start, length)[None], past)
+    times = []
+    for step in range(decode_steps):
+        length = context + step
+        start = time.perf_counter()
+        _, past = lm.forward(rng.integers(3, high, (1, 1)), np.ones((1, length + 1), np.int64),
+                             np.full((1, 1), length, np.int64), past)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"context": context, "chunk": chunk, "decode_steps": decode_steps, "load_peak_rss_mb": loaded,
+            "decode_ms_p50": float(np.median(times)), "peak_rss_mb": peak_rss_mb()}
+
+
 def save_inputs(path, windows=None, trace_input_ids=None, trace_attention_mask=None, trace_steps: int = 8,
                 mc_items=None, trace_tokens=None) -> None:
     """Write the CLI's inputs.npz. Multiple-choice items are ragged, so they are stored flat:
@@ -279,6 +309,8 @@ def _parse_args(argv):
     p.add_argument("--prefill-tokens", type=int, default=128)
     p.add_argument("--decode-context", type=int, default=256)
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--memory-context", type=int, default=None,
+                   help="run only the memory protocol: prefill this many tokens in chunks, then decode")
     args = p.parse_args(argv)
     if (args.perplexity or args.mc or args.trace) and not args.inputs:
         p.error("--perplexity, --mc and --trace read their data from --inputs; pass an npz from save_inputs")
@@ -296,6 +328,8 @@ def main(argv=None) -> int:
               "onnxruntime": ort.__version__, "numpy": np.__version__, "python": platform.python_version(),
               "machine": platform.machine(), "kv_layers": lm.kv_layers, "kv_bytes_per_token": kv_bytes_per_token(lm)}
     data = np.load(args.inputs) if args.inputs else {}
+    if args.memory_context is not None:
+        result["memory"] = memory_protocol(lm, args.memory_context)
     if args.latency:
         result["latency"] = latency(lm, args.prefill_tokens, args.decode_context, args.decode_steps)
     if args.perplexity:

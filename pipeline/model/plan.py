@@ -1,13 +1,15 @@
-"""Pure planning: importance scores and drop counts in, a drop plan and budget arithmetic out.
+"""Pure planning: importance scores and drop counts in, a drop plan (sublayers), a head plan (KV groups and
+query heads) and budget arithmetic out.
 
-No torch here, so every rule (ranking, ties, limits) is tested with plain numbers.
+No torch here, so every rule (ranking, ties, limits, grouped-attention shapes) is tested with plain numbers.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from ..artifacts import DropPlan, Scores
+from ..artifacts import DropPlan, HeadPlan, HeadScores, Scores
+from ..config.checks import kept_after
 from ..errors import RecipeError
 
 
@@ -65,3 +67,60 @@ def plan_window(scores: Scores, drop: DropPlan, layers: int | list[int], size: i
         chosen = sorted(sorted(kept, key=lambda i: (scores.window_kl[i], -i))[:layers])
     return replace(drop, window=tuple(chosen), window_size=size,
                    window_sinks={i: tuple(scores.window_sinks[i]) for i in chosen if i in scores.window_sinks})
+
+
+# ---------------------------------------------------------------- heads
+
+def plan_heads(scores: HeadScores, heads: int | dict[int, list[int]] = 0, query_heads: dict | None = None,
+               dropped_attention=()) -> HeadPlan:
+    """Which KV groups and query heads to remove. `heads` as a number: the lowest-scoring KV groups over every
+    layer whose attention stays, skipping any that would empty a layer or break its grouping; as a mapping:
+    layer -> groups. `query_heads`: layer -> query heads (within kept groups). RecipeError names every problem."""
+    query_heads = {int(k): list(v) for k, v in (query_heads or {}).items()}
+    sizes = {i: (len(scores.importance[i]), len(g)) for i, g in enumerate(scores.group_importance)
+             if g and i not in set(dropped_attention)}
+    listed = {int(k): list(v) for k, v in heads.items()} if isinstance(heads, dict) else {}
+    problems = [f"drop.{field}: layer {layer} has no attention sublayer left (dropped, or out of range)"
+                for field, table in (("heads", listed), ("query_heads", query_heads)) for layer in table
+                if layer not in sizes]
+    if problems:
+        raise RecipeError(problems)
+    if isinstance(heads, dict):
+        groups, method = listed, "per-layer"
+    else:
+        groups, method = _lowest_groups(scores, sizes, heads, query_heads), "global" if heads else "none"
+    for layer in sorted(set(groups) | set(query_heads)):
+        try:
+            kept_after(*sizes[layer], groups.get(layer, []), query_heads.get(layer, []))
+        except ValueError as e:
+            problems.append(f"drop.heads / drop.query_heads, layer {layer}: {e}")
+    if problems:
+        raise RecipeError(problems)
+    order = sorted(((layer, g, scores.group_importance[layer][g]) for layer, gs in groups.items() for g in gs),
+                   key=lambda u: (u[2], -u[0]))
+    kv_heads = tuple(sizes[i][1] - len(groups.get(i, [])) if i in sizes else 0 for i in range(scores.num_layers))
+    return HeadPlan(method=method if groups or query_heads else "none",
+                    kv_groups={k: tuple(sorted(v)) for k, v in sorted(groups.items()) if v},
+                    query_heads={k: tuple(sorted(v)) for k, v in sorted(query_heads.items()) if v},
+                    kv_heads=kv_heads, order=tuple(order))
+
+
+def _lowest_groups(scores: HeadScores, sizes: dict, n: int, query_heads: dict) -> dict[int, list[int]]:
+    """The n lowest-scoring KV groups (ties to the deeper layer), skipping those that would leave a layer
+    without attention or with uneven groups given its query-head removals."""
+    ranked = sorted(((i, g, s) for i in sizes for g, s in enumerate(scores.group_importance[i])),
+                    key=lambda u: (u[2], -u[0]))
+    chosen: dict[int, list[int]] = {}
+    for layer, group, _ in ranked:
+        if sum(map(len, chosen.values())) == n:
+            break
+        try:
+            kept_after(*sizes[layer], [*chosen.get(layer, []), group], query_heads.get(layer, []))
+        except ValueError:
+            continue
+        chosen.setdefault(layer, []).append(group)
+    found = sum(map(len, chosen.values()))
+    if found < n:
+        raise RecipeError([f"drop.heads: {n} KV groups requested but only {found} can go while every layer with "
+                           "attention keeps at least one (and even groups); lower drop.heads"])
+    return chosen

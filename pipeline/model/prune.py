@@ -4,6 +4,9 @@ A dropped sublayer is gone from the module tree (so from the state dict, safeten
 zeroed. Kept attention modules get KV-cache slots 0..K-1: transformers' cache sizes masks from slot 0
 and counts slots, so an empty slot for a dropped layer silently shifts decode positions under padding.
 The drop lists live in `config.slimformer_drop` so a saved folder reloads to the same structure.
+Models mixing sliding-window and full layers: transformers types cache slot k by `config.layer_types[k]`,
+which renumbered slots no longer follow, so such a pruned model generates with a plain dynamic cache (right
+for every kind: the mask applies the window); `kv_cache` builds one typed slot by slot.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import copy
 from functools import cache
 
-from .adapters import adapter_for, decoder_layers
+from .adapters import adapter_for, decoder_layers, is_sliding
 
 CONFIG_KEY = "slimformer_drop"
 
@@ -25,20 +28,18 @@ class _PrunableLayerMixin:
 
     _slimformer_adapter = None  # set on each generated class by _prunable_class
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, cache_position=None, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, **kwargs):
         ad = self._slimformer_adapter
+        position_embeddings = ad.layer_rope(self, kwargs)
         if getattr(self, ad.attention) is not None:
-            attn_out, _ = getattr(self, ad.attention)(
-                hidden_states=getattr(self, ad.attention_norm)(hidden_states), attention_mask=attention_mask,
-                position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                cache_position=cache_position, position_embeddings=position_embeddings, **kwargs,
-            )
+            attn_out = getattr(self, ad.attention)(
+                hidden_states=getattr(self, ad.attention_norm)(hidden_states),
+                position_embeddings=position_embeddings, **kwargs)[0]
             hidden_states = hidden_states + _post(self, ad.attention_post_norm, attn_out)
         if getattr(self, ad.mlp) is not None:
             mlp_out = getattr(self, ad.mlp)(getattr(self, ad.mlp_norm)(hidden_states))
             hidden_states = hidden_states + _post(self, ad.mlp_post_norm, mlp_out)
-        return hidden_states
+        return (hidden_states,) if ad.layer_returns_tuple else hidden_states
 
 
 def _post(layer, norm: str | None, x):
@@ -89,7 +90,33 @@ def drop_sublayers_inplace(model, attention: list[int], mlp: list[int]):
             attn.layer_idx = slot
             slot += 1
     setattr(model.config, CONFIG_KEY, {"attention": attention, "mlp": mlp})
+    kinds = getattr(model.config, "layer_types", None)
+    if kinds and slot_kinds(model) != kinds[:slot]:
+        model.generation_config.cache_implementation = "dynamic_full"
     return model
+
+
+def slot_kinds(model) -> list[str]:
+    """The attention kind of each KV slot (kept attention layer, in order)."""
+    layers = decoder_layers(model)
+    return ["sliding_attention" if is_sliding(layers[i]) else "full_attention" for i in kept_attention_layers(model)]
+
+
+def kv_config(model):
+    """A copy of the model's config describing its KV cache: one layer per slot, with that slot's kind."""
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(kept_attention_layers(model))
+    if getattr(config, "layer_types", None):
+        config.layer_types = slot_kinds(model)
+    return config
+
+
+def kv_cache(model):
+    """An empty transformers DynamicCache laid out for the model's slots (sliding ones keep only their window).
+    To generate with it, pass `cache_implementation=None` too when the model's generation config names one."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=kv_config(model))
 
 
 def drop_sublayers(model, attention: list[int], mlp: list[int]):
@@ -99,8 +126,11 @@ def drop_sublayers(model, attention: list[int], mlp: list[int]):
 
 def restore_structure_inplace(model):
     """After `from_pretrained` of a pruned folder, re-drop the recorded sublayers (their weights were
-    absent, so transformers initialised them randomly)."""
+    absent, so transformers initialised them randomly) and cut head-pruned attention back to its kept heads
+    (the caller loads their saved tensors: `loading.load_hf_folder`)."""
+    from .prune_heads import restore_heads_inplace
+
     recorded = drop_lists(model)
     if recorded["attention"] or recorded["mlp"]:
         drop_sublayers_inplace(model, recorded["attention"], recorded["mlp"])
-    return model
+    return restore_heads_inplace(model)

@@ -2,7 +2,8 @@
 
 Score of a module = mean over non-padding tokens of 1 - cos(X, Y), accumulated in float64, where
 attention: X = layer input, Y = X + Attn(Norm(X)); MLP: X = hidden state after attention,
-Y = X + MLP(Norm(X)); block: layer input vs layer output (arXiv 2406.15786, residual included).
+Y = X + MLP(Norm(X)); block: layer input vs layer output (arXiv 2406.15786, residual included). Where a
+sublayer has a norm after it (Gemma), Y = X + PostNorm(Attn(Norm(X))): what the residual stream receives.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ class _Accumulator:
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
             self.handles.append(layer.register_forward_hook(self._post(i)))
-            attn = getattr(layer, ad.attention)
-            if attn is not None:
-                self.handles.append(attn.register_forward_hook(self._attn(i)))
+            if getattr(layer, ad.attention) is not None:  # hook what is added to the residual stream
+                added = getattr(layer, ad.attention_post_norm or ad.attention)
+                self.handles.append(added.register_forward_hook(self._attn(i)))
 
     def _pre(self, i):
         def hook(module, args, kwargs):
@@ -43,7 +44,7 @@ class _Accumulator:
 
     def _attn(self, i):
         def hook(module, args, output):
-            self._attn_out[i] = output[0]
+            self._attn_out[i] = output[0] if isinstance(output, tuple) else output
         return hook
 
     def _post(self, i):

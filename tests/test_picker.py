@@ -1,0 +1,52 @@
+"""The reference ladder picker: the most capable rung that fits, fallbacks after a failed load, memory moved to
+the app's context, its command line, and that it travels alone (standard library only)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import picker
+
+LADDER = {"context": 2048, "kv_factor": 3.0, "rungs": [
+    {"name": "large", "files": {"onnx": "rungs/large/onnx-large/model.onnx"}, "memory_mb": 560.0,
+     "kv_kb_per_token": 45.0},
+    {"name": "medium", "files": {"onnx": "rungs/medium/onnx-medium/model.onnx"}, "memory_mb": 450.0,
+     "kv_kb_per_token": 22.5},
+    {"name": "small", "files": {"onnx": "rungs/small/onnx-small/model.onnx"}, "memory_mb": 300.0,
+     "kv_kb_per_token": 21.0}]}
+
+
+def test_the_most_capable_rung_that_fits_is_picked_and_failed_ones_are_skipped():
+    assert picker.pick(LADDER, 600)["name"] == "large"
+    assert picker.pick(LADDER, 500)["name"] == "medium"
+    assert picker.pick(LADDER, 600, failed=("large",))["name"] == "medium"
+    assert picker.pick(LADDER, 600, margin_mb=100)["name"] == "medium"
+    assert picker.pick(LADDER, 299) is None
+    assert [r["name"] for r in picker.fitting(LADDER, 460)] == ["medium", "small"]
+
+
+def test_memory_moves_with_the_context_by_the_kv_cache():
+    large = LADDER["rungs"][0]
+    assert picker.memory_at(large, LADDER, 4096) == pytest.approx(560 + 2048 * 45 / 1024 * 3)
+    assert picker.memory_at(large, LADDER, 1024) == pytest.approx(560 - 1024 * 45 / 1024 * 3)
+    assert picker.pick(LADDER, 600, context=4096)["name"] == "medium"  # 560 MiB at 2048 is 830 at 4096
+
+
+def test_command_line(tmp_path, capsys):
+    path = tmp_path / "ladder.json"
+    path.write_text(json.dumps(LADDER))
+    assert picker.main([str(path), "--free-mb", "500"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "medium"
+    assert picker.main([str(path), "--free-mb", "100"]) == 1
+    assert "the smallest needs 300 MiB" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a ladder.json"):
+        picker.load_ladder(tmp_path / "bad.json")
+
+
+def test_the_picker_imports_nothing_from_the_package():
+    from test_layout import import_graph
+
+    assert import_graph()["pipeline.picker"] == set()

@@ -1,0 +1,143 @@
+"""The budget search in pure numbers (no torch): the space and its limits, mutation that always fits, the greedy
+plan, the evolutionary loop's reproducibility and selection, the frontier, and the infeasibility message."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.artifacts import ModelInfo
+from pipeline.budget import budget_problems, frontier
+from pipeline.config.loading import parse_recipe
+from pipeline.model.structure import TABLE, Format
+from pipeline.model.evopress import evolve
+from pipeline.model.space import build_space
+
+INFO = ModelInfo(model_type="llama", num_layers=6, hidden_size=128, intermediate_size=256, num_heads=4,
+                 num_kv_heads=2, head_dim=32, vocab_size=2048, tie_word_embeddings=True, max_position_embeddings=512,
+                 source="test")
+
+
+def _space(source: bool = True, **search):
+    recipe = parse_recipe({"name": "t", "budget": {"context": 128, "search": search}})
+    src = {g: Format(4, 32, True, True, source=True) for g in ("layers.0.qkv", "layers.1.down")} if source else {}
+    return build_space(INFO, recipe.budget.search, src, 128)
+
+
+def _toy_error(space):
+    """A made-up accuracy cost: attention drops dear (deeper cheaper), 4 bits dearer than 8, small blocks cheaper,
+    the source's blocks free, a 4-bit table dear, fp16 KV nearly free."""
+    def error(c):
+        s = space.structure(c)
+        total = sum(1.0 / (1 + i) for i, k in enumerate(c.attention) if not k) + (1e-3 if s.kv_dtype == "fp16" else 0)
+        for g, f in s.formats.items():
+            total += 0 if f.source else (0.3 if g == TABLE else 0.01) * (2 ** (8 - f.bits)) * f.block_size / 32 / 16
+        return total
+    return error
+
+
+def test_levels_run_from_largest_to_smallest_and_include_reusable_source_blocks():
+    space = _space()
+    assert [f.name for f in space.levels["layers.0.qkv"]][0] == "q8b32"
+    assert "source" in [f.name for f in space.levels["layers.0.qkv"]]
+    assert "source" not in [f.name for f in space.levels["layers.2.qkv"]]
+    sizes = [space.footprint(space.most_accurate()).file_mb]
+    c = space.most_accurate()
+    while moves := [m for m in space.moves(c, 1) if m[0] == "format"]:
+        c = space.apply(c, moves[0])
+        sizes.append(space.footprint(c).file_mb)
+    assert sizes == sorted(sizes, reverse=True)  # every format step compresses
+
+
+def test_mutation_always_fits_and_keeps_an_attention_sublayer():
+    space = _space()
+    limits = {"max_file_mb": space.footprint(space.most_accurate()).file_mb * 0.6}
+    rng = np.random.default_rng(0)
+    c = space.greedy(space.most_accurate(), limits, _toy_error(space))
+    assert space.fits(c, limits)
+    for _ in range(200):
+        c = space.mutate(c, rng, limits)
+        assert space.fits(c, limits) and sum(c.attention) >= 1
+
+
+def test_greedy_plan_compresses_formats_before_dropping_dear_sublayers():
+    space = _space()
+    full = space.footprint(space.most_accurate()).file_mb
+    mild = space.greedy(space.most_accurate(), {"max_file_mb": full * 0.7}, _toy_error(space))
+    assert all(mild.attention) and space.fits(mild, {"max_file_mb": full * 0.7})
+    smallest_formats = space.footprint(space.apply(space.smallest(), ("kv", 0, -1))).file_mb
+    assert space.footprint(space.smallest()).file_mb <= smallest_formats
+
+
+def test_evolution_is_reproducible_with_a_seed_and_never_worse_than_its_start():
+    space = _space()
+    limits = {"max_file_mb": space.footprint(space.most_accurate()).file_mb * 0.55}
+    error = _toy_error(space)
+
+    def fitness(cands, windows):  # "noisier" on fewer windows, as real KL on few tokens is
+        return [error(c) * (1 + 0.05 * np.sin(hash(space.key(c)) % 97) / windows) for c in cands]
+
+    def run(seed):
+        start = space.greedy(space.most_accurate(), limits, error)
+        best, log = evolve(start, lambda c, r: space.mutate(c, r, limits), fitness, space.key, [(1, 3), (4, 1)],
+                           generations=25, offspring=6, rng=np.random.default_rng(seed))
+        return start, best, log
+    start, best, log = run(7)
+    again = run(7)[1:]
+    assert again[0] == best and again[1].scores == log.scores and again[1].parents == log.parents
+    assert fitness([best], 4)[0] <= fitness([start], 4)[0] and space.fits(best, limits)
+    assert len(log.scores) > 25  # children were scored, most on the first step's windows only
+    assert sum(1 for v in log.scores.values() if 4 in v) < sum(1 for v in log.scores.values() if 1 in v)
+
+
+def test_evolution_finds_the_optimum_of_a_small_space():
+    """Two layers, formats only (two levels per group), one limit: brute force over all 2^8 knows the answer."""
+    import dataclasses
+    import itertools
+
+    info = dataclasses.replace(INFO, num_layers=2)
+    recipe = parse_recipe({"name": "t", "budget": {"context": 128, "search": {
+        "drop_attention": False, "bits": [4, 8], "block_sizes": [32], "table_bits": [8], "kv_precisions": ["fp32"]}}})
+    space = build_space(info, recipe.budget.search, {}, 128)
+    limits = {"max_file_mb": space.footprint(space.most_accurate()).file_mb * 0.85}
+    weights = np.random.default_rng(3).uniform(0.5, 2, len(space.genes))
+
+    def fitness(cands, windows):
+        return [float(sum(w * lv for w, lv in zip(weights, c.levels))) for c in cands]
+    everything = [dataclasses.replace(space.most_accurate(), levels=levels)
+                  for levels in itertools.product(*(range(len(space.levels[g])) for g in space.genes))]
+    optimum = min(fitness([c for c in everything if space.fits(c, limits)], 1))
+    start = space.greedy(space.most_accurate(), limits, lambda c: 10 * sum(c.levels))  # a poor start
+    best, _ = evolve(start, lambda c, r: space.mutate(c, r, limits), fitness, space.key, [(1, 2), (1, 1)], 200, 8,
+                     np.random.default_rng(0))
+    assert fitness([best], 1)[0] == pytest.approx(optimum) and space.fits(best, limits)
+
+
+def test_frontier_keeps_points_nothing_beats():
+    pts = [(10, 5.0), (12, 4.0), (11, 6.0), (15, 4.0), (20, 1.0), (9, 9.0)]
+    assert frontier(pts) == [5, 0, 1, 4]
+
+
+def test_an_impossible_budget_names_the_smallest_reachable_file_and_the_field(tmp_path):
+    recipe = parse_recipe({"name": "t", "model": {"source": "hf", "path": str(tmp_path)},
+                           "budget": {"max_file_mb": 0.05, "context": 128}})
+    problems = budget_problems(recipe, INFO)
+    assert len(problems) == 1
+    msg = problems[0]
+    assert msg.startswith("budget.max_file_mb: 0.05 MB is below the smallest file this search can reach")
+    assert "(5 of 6 attention and 0 of 6 MLP sublayers dropped; groups 14 q4b128; table q4b128; KV fp16)" in msg
+    assert "raise budget.max_file_mb to at least" in msg and "budget.search.drop_mlp: true" in msg
+    ok = parse_recipe({"name": "t", "model": {"source": "hf", "path": str(tmp_path)},
+                       "budget": {"max_file_mb": 10, "context": 128}})
+    assert budget_problems(ok, INFO) == []
+
+
+def test_ladder_rungs_override_the_budget_field_by_field():
+    recipe = parse_recipe({"name": "t", "budget": {"max_file_mb": 90, "max_memory_mb": 300, "ladder": [
+        {"name": "big", "max_file_mb": 120}, {"name": "small", "max_memory_mb": None}]}})
+    rungs = dict(recipe.budget.rungs())
+    assert rungs["big"].limits() == {"max_file_mb": 120, "max_memory_mb": 300}
+    assert rungs["small"].limits() == {"max_file_mb": 90}
+    with pytest.raises(Exception, match="keep must not grow"):
+        parse_recipe({"name": "t", "budget": {"search": {"selection": [{"windows": 2, "keep": 1},
+                                                                      {"windows": 1, "keep": 1}]}}})
