@@ -122,9 +122,8 @@ def gates_section(gates: tuple[Gate, ...]) -> list[str]:
         f"measured {g.value:.4g}, limit {g.limit:.4g}" for g in gates] or ["No gates set in the recipe."])
 
 
-def kv_section(validation, plan: DropPlan) -> list[str]:
+def kv_section(orig: ModelFigures, comp: ModelFigures, plan: DropPlan) -> list[str]:
     """KV cache held at several context lengths, original vs compressed (windowed layers hold a ring)."""
-    orig, comp = validation.models["original"], validation.models["compressed"]
     if not orig.kv_bytes_at or not comp.kv_bytes_at:
         return []
     lines = ["", "## KV cache at context length", ""]
@@ -205,7 +204,7 @@ def markdown(report: Report, head_scores: HeadScores | None = None) -> str:
     for label, key, fmt in _ROWS:
         a, b = getattr(orig, key), getattr(comp, key)
         lines.append(f"| {label} | {_fmt(fmt, a)} | {_fmt(fmt, b)} | {_ratio(a, b)} |")
-    lines += kv_section(validation, plan)
+    lines += kv_section(orig, comp, plan)
     lines += heal_section(report.heal, orig)
     if head_scores is not None:
         lines += heads_section(head_scores, heads)
