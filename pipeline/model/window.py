@@ -23,8 +23,8 @@ from .adapters import adapter_for, decoder_layers
 
 CONFIG_KEY = "slimformer_window"  # {"layers": [...], "size": W, "sinks": {layer: [logit per head]}}
 ATTENTION = "slimformer_window"
+KL_WINDOWS = 2  # of the calibration windows, those that rank the layers (one forward pass per layer each)
 SINK_GRID = np.linspace(-10.0, 30.0, 161)  # candidate sink logits; -10 is no sink for any score above -5
-SINK_TOLERANCE = 0.01
 
 
 def window_of(attention) -> int | None:
@@ -128,7 +128,7 @@ def measure_windows(model, windows: np.ndarray, size: int) -> tuple[list[float],
     alone is windowed with its fitted sinks, inf where attention was dropped; per layer: the sinks). What the
     plan ranks by: a layer's own output error says little about how much the rest of the model leans on it."""
     _, sinks = fit_sinks(model, windows, size)
-    return window_kl(model, windows, size, sinks), sinks
+    return window_kl(model, windows[:KL_WINDOWS], size, sinks), sinks
 
 
 def window_kl(model, windows: np.ndarray, size: int, sinks: dict[int, list[float]]) -> list[float]:
@@ -156,16 +156,18 @@ def window_kl(model, windows: np.ndarray, size: int, sinks: dict[int, list[float
 
 
 def fit_sinks(model, windows: np.ndarray, size: int) -> tuple[list[float], dict[int, list[float]]]:
-    """(per layer: relative error of its attention output when windowed with its best sinks, 0 for dropped
-    attention; per layer: the fitted sink logit of each head). One eager pass over `windows` (each longer than
-    `size`); for every query the windowed output o_w scaled by a = sigmoid(lse_w - sink) is compared with the
-    full output o_f: |a o_w - o_f|^2 summed over queries. Queries within the first W positions count too: they
-    lose nothing to the window, but the sink scales them all the same."""
+    """(per layer: relative error |a o_w - o_f|^2 / |o_f|^2 of its attention output when windowed with the
+    fitted sinks, 0 for dropped attention; per layer: the fitted sink logit of each head). One eager pass over
+    `windows` (each longer than `size`). A sink scales the windowed output o_w by a = sigmoid(lse_w - sink); the
+    full softmax gives the window's keys the mass m = exp(lse_w - lse_full). Each head's sink is the one whose
+    a best matches m over every query (the first W queries too: they lose nothing to the window, but the sink
+    scales them all the same). Matching the mass, not the output by least squares, which shrinks a wherever
+    o_w and o_f point apart and so over-fits sinks that cost accuracy at longer contexts."""
     import torch
 
     ad = adapter_for(model.config)
     layers = decoder_layers(model)
-    stats = {}  # layer -> [heads, grid] error sums, and the full outputs' energy
+    stats = {}  # layer -> [heads, grid] mass errors, [heads, grid] output errors, the full outputs' energy
 
     def record(i):
         def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -191,10 +193,8 @@ def fit_sinks(model, windows: np.ndarray, size: int) -> tuple[list[float], dict[
         for attn, config in saved:
             attn.config = config
     errors, sinks = [0.0] * len(layers), {}
-    for i, (err, energy) in stats.items():
-        # Per head, the lowest sink within SINK_TOLERANCE of the best error: a local head's error barely moves
-        # with its sink, and an arbitrary sink fitted to that flat curve costs accuracy at longer contexts.
-        best = (err <= err.min(-1, keepdims=True) * (1 + SINK_TOLERANCE)).argmax(-1)
+    for i, (mass, err, energy) in stats.items():
+        best = mass.argmin(-1)  # per head
         sinks[i] = SINK_GRID[best].tolist()
         errors[i] = float(err[np.arange(len(best)), best].sum() / energy)
     return errors, sinks
@@ -210,12 +210,14 @@ def _accumulate(stats, i, query, key, value, scaling, size, full_out):
     seq = scores.shape[-1]
     q_idx, k_idx = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
     inside = (k_idx <= q_idx) & (k_idx > q_idx - size)
+    lse_full = torch.logsumexp(scores.masked_fill(k_idx > q_idx, float("-inf")), -1)  # [1, heads, q]
     scores = scores.masked_fill(~inside, float("-inf"))
-    lse = torch.logsumexp(scores, -1)  # [1, heads, q]
+    lse = torch.logsumexp(scores, -1)
     windowed = torch.matmul(torch.softmax(scores, -1), v)[0]  # [heads, q, d]
     full = full_out.float().transpose(1, 2)[0]  # [heads, q, d]
     ww, wf, ff = (windowed * windowed).sum(-1), (windowed * full).sum(-1), (full * full).sum(-1)
     a = torch.sigmoid(lse[0][..., None] - torch.from_numpy(SINK_GRID).float())  # [heads, q, grid]
     err = (a * a * ww[..., None] - 2 * a * wf[..., None] + ff[..., None]).sum(1).double().numpy()
-    before = stats.get(i, (0.0, 0.0))
-    stats[i] = (before[0] + err, before[1] + float(ff.sum()))
+    mass = ((a - torch.exp(lse - lse_full)[0][..., None]) ** 2).sum(1).double().numpy()
+    before = stats.get(i, (0.0, 0.0, 0.0))
+    stats[i] = (before[0] + mass, before[1] + err, before[2] + float(ff.sum()))
