@@ -163,3 +163,19 @@ def tiny_run(tmp_path_factory):
         data["validate"]["variant_gates"] = {"int4": {"min_top1_agreement": 0.5, "max_abs_logit_error": None}}
         recipe.write_text(yaml.safe_dump(data))
         return run(load_recipe(recipe))
+
+
+def genai_greedy(folder, prompt: list[int], new_tokens: int):
+    """(the tokens onnxruntime-genai generates greedily after `prompt` from `folder`, the finished generator)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens, generator

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from conftest import fused_architectures, left_padded_batch, tiny_model
+from conftest import fused_architectures, genai_greedy, left_padded_batch, tiny_model
 from pipeline.config.quantize import QuantSpec
 from pipeline.errors import ExportError
 from pipeline.export.fused import export_fused
@@ -217,8 +217,6 @@ def test_eight_bit_groups_are_the_most_sensitive(tmp_path):
 
 
 def test_genai_runs_the_fused_folder_like_onnxruntime(tmp_path):
-    import onnxruntime_genai as og
-
     from conftest import byte_level_bpe, synthetic_text
     from pipeline.export.mobile import write_genai_folder
 
@@ -231,15 +229,7 @@ def test_genai_runs_the_fused_folder_like_onnxruntime(tmp_path):
         folder = write_genai_folder(path, model.config, tokenizer, tmp_path / f"genai-{name}")
         prompt = tokenizer("the king speaks to his brave son", add_special_tokens=False)["input_ids"]
         _, want = greedy_trace(OnnxLM(path), np.array([prompt]), np.ones((1, len(prompt)), np.int64), 9)
-        genai = og.Model(str(folder))
-        params = og.GeneratorParams(genai)
-        params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
-        generator = og.Generator(genai, params)
-        generator.append_tokens(prompt)
-        got = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            got.append(int(generator.get_next_tokens()[0]))
+        got, _ = genai_greedy(folder, prompt, 10)
         assert got == want[0].tolist(), name
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import byte_level_bpe, save_tiny_folder, synthetic_text
+from conftest import byte_level_bpe, genai_greedy, save_tiny_folder, synthetic_text
 from pipeline.export.onnx import export_onnx
 from pipeline.artifacts import OrtFormat
 from pipeline.export.mobile import GENAI_CONFIG, genai_tokenizer_problem, to_ort_format, write_genai_folder
@@ -71,21 +71,6 @@ def test_ort_file_computes_what_the_onnx_file_does(pruned, tmp_path):
     np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=1e-3, atol=1e-4)
 
 
-def _genai_greedy(folder, prompt: list[int], new_tokens: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
-
-
 def test_genai_generates_like_pytorch(pruned, tmp_path):
     """The acceptance test: onnxruntime-genai runs the pruned model's folder unmodified, greedy == PyTorch."""
     model, tokenizer, fp32, _ = pruned
@@ -99,7 +84,7 @@ def test_genai_generates_like_pytorch(pruned, tmp_path):
     with torch.no_grad():
         want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(prompt):]
-    assert _genai_greedy(folder, prompt, NEW_TOKENS) == want.tolist()
+    assert genai_greedy(folder, prompt, NEW_TOKENS)[0] == want.tolist()
 
 
 def test_genai_runs_a_sliding_window_model_like_pytorch(tmp_path):
@@ -115,7 +100,7 @@ def test_genai_runs_a_sliding_window_model_like_pytorch(tmp_path):
     with torch.no_grad():
         want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):]
-    assert _genai_greedy(genai, prompt, NEW_TOKENS) == want.tolist()
+    assert genai_greedy(genai, prompt, NEW_TOKENS)[0] == want.tolist()
 
 
 @pytest.mark.parametrize("graph", ["optimum", "fused"])
@@ -135,7 +120,7 @@ def test_genai_runs_a_head_pruned_model_with_per_layer_kv_heads(graph, pruned, t
     with torch.no_grad():
         want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[0, len(prompt):]
-    assert _genai_greedy(folder, prompt, NEW_TOKENS) == want.tolist()
+    assert genai_greedy(folder, prompt, NEW_TOKENS)[0] == want.tolist()
 
 
 def test_genai_runs_the_int4_graph_like_onnxruntime(pruned, tmp_path):
@@ -144,7 +129,7 @@ def test_genai_runs_the_int4_graph_like_onnxruntime(pruned, tmp_path):
     folder = write_genai_folder(int4, model.config, tokenizer, tmp_path / "genai")
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     _, tokens = greedy_trace(OnnxLM(int4), np.array([prompt]), np.ones((1, len(prompt)), np.int64), NEW_TOKENS - 1)
-    assert _genai_greedy(folder, prompt, NEW_TOKENS) == tokens[0].tolist()
+    assert genai_greedy(folder, prompt, NEW_TOKENS)[0] == tokens[0].tolist()
 
 
 def test_genai_folder_links_the_model_and_is_rewritable(pruned, tmp_path):

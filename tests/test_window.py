@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import byte_level_bpe, left_padded_batch, synthetic_text, tiny_model
+from conftest import byte_level_bpe, genai_greedy, left_padded_batch, synthetic_text, tiny_model
 from pipeline.artifacts import DropPlan, Scores
 from pipeline.errors import RecipeError
 from pipeline.export.fused import export_fused
@@ -86,8 +86,6 @@ def test_saved_folder_reloads_with_its_windows(windowed, tmp_path):
 
 
 def test_genai_keeps_a_window_sized_ring_for_windowed_layers(tmp_path):
-    import onnxruntime_genai as og
-
     from pipeline.export.mobile import write_genai_folder
 
     tokenizer = byte_level_bpe([synthetic_text(0)])
@@ -98,15 +96,7 @@ def test_genai_keeps_a_window_sized_ring_for_windowed_layers(tmp_path):
     folder = write_genai_folder(path, model.config, tokenizer, tmp_path / "genai")
     prompt = tokenizer(synthetic_text(3), add_special_tokens=False)["input_ids"][:40]
     _, want = greedy_trace(OnnxLM(path), np.array([prompt]), np.ones((1, len(prompt)), np.int64), 19)
-    genai = og.Model(str(folder))
-    params = og.GeneratorParams(genai)
-    params.set_search_options(max_length=len(prompt) + 20, do_sample=False)
-    generator = og.Generator(genai, params)
-    generator.append_tokens(prompt)
-    got = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        got.append(int(generator.get_next_tokens()[0]))
+    got, generator = genai_greedy(folder, prompt, 20)
     assert got == want[0].tolist()
     assert [generator.get_output(f"present.{slot}.key").shape[2] for slot in range(3)] == [17, 17, len(prompt) + 20]
 

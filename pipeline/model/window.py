@@ -144,6 +144,7 @@ def window_kl(model, windows: np.ndarray, size: int, sinks: dict[int, list[float
             return torch.log_softmax(m(input_ids=ids, use_cache=False).logits.float(), -1)
 
     reference = log_probs(model)
+    probs = reference.exp()
     ad = adapter_for(model.config)
     kl = []
     for i, layer in enumerate(progress(decoder_layers(model), desc="window KL per layer")):
@@ -151,7 +152,7 @@ def window_kl(model, windows: np.ndarray, size: int, sinks: dict[int, list[float
             kl.append(float("inf"))
             continue
         converted = set_windows_inplace(copy.deepcopy(model), [i], size, {i: sinks[i]})
-        kl.append(float((reference.exp() * (reference - log_probs(converted))).sum(-1).mean()))
+        kl.append(float((probs * (reference - log_probs(converted))).sum(-1).mean()))
     return kl
 
 
