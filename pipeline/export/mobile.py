@@ -27,7 +27,7 @@ RING_SLACK = 1
 TOOL_TIMEOUT_S = 1800
 GENAI_CONFIG = "genai_config.json"
 _VERDICT = re.compile(r"Model should perform well with (.+?) (as is|if modified to have fixed input shapes): (\w+)")
-_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
+PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
 # Run in a child process: onnxruntime-genai can abort outright on tokenizer files it does not support.
 GENAI_ENCODE = ("import json, sys, onnxruntime_genai as og; folder, text = json.load(sys.stdin); "
                 "print(json.dumps([int(t) for t in og.Tokenizer(og.Model(folder)).encode(text)]))")
@@ -172,20 +172,25 @@ def write_genai_folder(onnx_path: Path, model_config, tokenizer, out_dir: Path) 
 
 def _slot(node) -> int:
     """The KV slot a GroupQueryAttention node reads (from its past_key input's name)."""
-    return int(_PAST.match(node.input[3])[1])
+    return int(PAST_KEY.match(node.input[3])[1])
 
 
-def _windowed_slots(graph) -> dict[int, int]:
-    """KV slot -> window size of every GroupQueryAttention node with a local window. onnxruntime-genai takes
-    one window size for all of them."""
+def window_slots(graph) -> dict[int, int]:
+    """KV slot -> window size of every GroupQueryAttention node with a local window."""
     from onnx import helper
 
     windows = {}
     for node in graph.node:
-        if node.op_type == "GroupQueryAttention":
+        if node.op_type == "GroupQueryAttention" and PAST_KEY.match(node.input[3]):
             size = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "local_window_size"), -1)
             if size > 0:
                 windows[_slot(node)] = size
+    return windows
+
+
+def _windowed_slots(graph) -> dict[int, int]:
+    """window_slots, checked for what onnxruntime-genai takes: one window size for all of them."""
+    windows = window_slots(graph)
     if len(set(windows.values())) > 1:
         raise ExportError(f"onnxruntime-genai keeps one sliding-window size, but this graph has several "
                           f"({sorted(set(windows.values()))}); convert every windowed layer to one size")
@@ -205,7 +210,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def _kv_layout(graph) -> tuple[int, int, int]:
     """(KV slots, KV heads, head size) from the past_key_values inputs; KV heads is the largest slot's (head-pruned
     layers have fewer)."""
-    past = {int(m[1]): i for i in graph.input if (m := _PAST.match(i.name))}
+    past = {int(m[1]): i for i in graph.input if (m := PAST_KEY.match(i.name))}
     if not past or sorted(past) != list(range(len(past))):
         raise ExportError(f"the graph's KV inputs {sorted(past)} are not past_key_values.0..K-1.key; "
                           "onnxruntime-genai needs that layout (export with pipeline.export.onnx).")

@@ -8,35 +8,27 @@ positions, with the slack of 1 that pipeline.export.mobile writes (measured with
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from ..export.mobile import RING_SLACK
+from ..export.mobile import PAST_KEY, RING_SLACK, window_slots
 
 CONTEXTS = (512, 2048, 8192)
-_PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
 _BYTES = {1: 4, 10: 2}  # onnx TensorProto FLOAT, FLOAT16
 
 
 def kv_slots(onnx_path: Path) -> dict[int, tuple[int, int | None]]:
     """KV slot -> (bytes per token for keys and values, window or None) from the graph."""
     import onnx
-    from onnx import helper
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    windows = window_slots(graph)
     slots = {}
     for value in graph.input:
-        match = _PAST.match(value.name)
+        match = PAST_KEY.match(value.name)
         if match:
             dims = value.type.tensor_type.shape.dim
             per_token = dims[1].dim_value * dims[3].dim_value * _BYTES[value.type.tensor_type.elem_type]
-            slots[int(match[1])] = (2 * per_token, None)
-    for node in graph.node:
-        if node.op_type == "GroupQueryAttention" and _PAST.match(node.input[3]):
-            window = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "local_window_size"), -1)
-            slot = int(_PAST.match(node.input[3])[1])
-            if window > 0:
-                slots[slot] = (slots[slot][0], window)
+            slots[int(match[1])] = (2 * per_token, windows.get(int(match[1])))
     return slots
 
 
