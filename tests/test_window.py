@@ -174,7 +174,8 @@ def test_a_windowed_run_reports_its_bounded_kv_cache(tiny_project):
     assert comp.kv_bytes_at[8192] < report.validation.models["original"].kv_bytes_at[8192]
     genai = json.loads(next(final.rglob("genai_config.json")).read_text())["model"]["decoder"]["sliding_window"]
     assert genai["window_size"] == 16 and len(genai["layers"]) == 2
-    assert "KV cache at context length" in (final / "report.md").read_text()
+    md = (final / "report.md").read_text()
+    assert "KV cache at context length" in md and "; 2 layers attend to a 16-token sliding window." in md
 
 
 @pytest.mark.parametrize("change, problem", [

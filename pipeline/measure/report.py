@@ -186,6 +186,22 @@ def budget_section(b: BudgetChoice | None) -> list[str]:
     return lines
 
 
+def _summary(plan, heads) -> str:
+    """The report's first line: what the run removed or changed, in the user's terms."""
+    parts = []
+    if plan.attention or plan.mlp:
+        parts.append(f"Dropped by `{plan.method}`: attention sublayers {list(plan.attention) or 'none'}, "
+                     f"MLP sublayers {list(plan.mlp) or 'none'} (of {plan.num_layers} layers)")
+    else:
+        parts.append(f"No sublayer dropped (of {plan.num_layers} layers)")
+    if heads and heads.method != "none":
+        parts.append(f"{heads.removed_groups} KV groups and {heads.removed_query_heads} further query heads removed "
+                     f"(`{heads.method}`, see Attention heads)")
+    if plan.window:
+        parts.append(f"{len(plan.window)} layers attend to a {plan.window_size}-token sliding window")
+    return "; ".join(parts) + "."
+
+
 def markdown(report: Report, head_scores: HeadScores | None = None) -> str:
     """report.md; with `head_scores`, a section on attention heads (and the heads removed, if any)."""
     from .heads_report import heads_section
@@ -196,10 +212,7 @@ def markdown(report: Report, head_scores: HeadScores | None = None) -> str:
     orig, comp = validation.models["original"], validation.models[tag]
     lines = [f"# slimformer run: {report.name}", "",
              f"**Verdict: {'PASSED' if report.passed else 'FAILED'}**", "",
-             f"Dropped by `{plan.method}`: attention sublayers {list(plan.attention) or 'none'}, "
-             f"MLP sublayers {list(plan.mlp) or 'none'} (of {plan.num_layers} layers)"
-             + (f"; {heads.removed_groups} KV groups and {heads.removed_query_heads} further query heads removed "
-                f"(`{heads.method}`, see Attention heads)." if heads and heads.method != "none" else "."), "",
+             _summary(plan, heads), "",
              f"| | original | {tag} | {tag} / original |", "|---|---:|---:|---:|"]
     for label, key, fmt in _ROWS:
         a, b = getattr(orig, key), getattr(comp, key)
