@@ -116,7 +116,7 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
     uniform = [c for _, st in uniform_baselines(space, scores, s.baseline_drops) if (c := space.candidate(st))]
     for name, limits in recipe.budget.rungs():
         lim = limits.limits()
-        starts = [space.greedy(space.most_accurate(), lim, error), *(c for c in uniform if space.fits(c, lim))]
+        starts = search_starts(space, lim, error, uniform)
         values = log.score(starts, steps[-1][0], fitness, space.key)
         seed = starts[int(np.argmin(values))]  # never start below a uniform choice that fits
         bar = console.progress(total=s.generations, desc=f"search {name}") if progress else None
@@ -130,6 +130,14 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
     kl = {name: log.scores[space.key(c)][steps[-1][0]] for name, c in chosen.items()}
     pareto = _pareto(recipe, space, ev, log, chosen, scores, heldout, steps[0][0], loaded.description)
     return SearchOutcome(space, chosen, kl, pareto, sens, ev)
+
+
+def search_starts(space: Space, limits: dict, error, uniform: list) -> list:
+    """The candidates a rung's search may start from: greedy descents from the most accurate structure and
+    from every uniform baseline (a uniform choice just over the limit is often a few cheap steps from the best
+    fit), and the uniform choices that fit as they are; each once, all within `limits`."""
+    starts = [space.greedy(c, limits, error) for c in (space.most_accurate(), *uniform)] + list(uniform)
+    return list({space.key(c): c for c in starts if space.fits(c, limits)}.values())
 
 
 def _group_quantizer(recipe: Recipe, loaded, windows: np.ndarray):

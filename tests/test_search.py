@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.artifacts import ModelInfo
-from pipeline.budget import budget_problems, frontier
+from pipeline.budget import budget_problems, frontier, search_starts
 from pipeline.config.loading import parse_recipe
 from pipeline.model.structure import TABLE, Format
 from pipeline.model.evopress import evolve
@@ -67,6 +67,31 @@ def test_greedy_plan_compresses_formats_before_dropping_dear_sublayers():
     assert all(mild.attention) and space.fits(mild, {"max_file_mb": full * 0.7})
     smallest_formats = space.footprint(space.apply(space.smallest(), ("kv", 0, -1))).file_mb
     assert space.footprint(space.smallest()).file_mb <= smallest_formats
+
+
+def _uniform(space, bits: int, table_bits: int, block: int = 32):
+    """Every group at one format, nothing dropped: the shape of a uniform baseline."""
+    from pipeline.model.structure import Structure
+
+    formats = {g: next(f for f in levels if not f.source and f.block_size == block and f.bits == (
+        table_bits if g in (TABLE, "lm_head") else bits)) for g, levels in space.levels.items()}
+    n = space.info.num_layers
+    return space.candidate(Structure((True,) * n, (True,) * n, formats))
+
+
+def test_search_starts_descend_from_every_uniform_baseline_and_all_fit():
+    space = _space()
+    error = _toy_error(space)
+    four_bit, smallest = _uniform(space, 4, 8), space.smallest()
+    limits = {"max_file_mb": space.footprint(four_bit).file_mb * 0.99}  # just below the uniform 4-bit choice
+    starts = search_starts(space, limits, error, [four_bit, smallest])
+    keys = [space.key(c) for c in starts]
+    assert all(space.fits(c, limits) for c in starts) and len(keys) == len(set(keys))
+    assert space.key(smallest) in keys  # a uniform choice that fits is a start as it is
+    # a few steps down from the uniform choice beat the descent from the most accurate structure here
+    from_uniform, from_top = space.greedy(four_bit, limits, error), space.greedy(space.most_accurate(), limits, error)
+    assert space.key(from_uniform) in keys and error(from_uniform) < error(from_top)
+    assert min(error(c) for c in starts) == error(from_uniform)
 
 
 def test_evolution_is_reproducible_with_a_seed_and_never_worse_than_its_start():
