@@ -39,14 +39,18 @@ def without_offsets(model: onnx.ModelProto) -> onnx.ModelProto:
         a, b = (made_by.get(i) for i in add.input)
         if a is not None and b is not None and (a.op_type, b.op_type) == ("MatMulNBits", "MatMul"):
             for n in g.node:
-                n.input[:] = [add.input[0] if i == add.output[0] else i for i in n.input]
+                for k, name in enumerate(n.input):
+                    if name == add.output[0]:
+                        n.input[k] = add.input[0]
     needed, kept = {o.name for o in g.output}, []
     for n in reversed(g.node):
         if set(n.output) & needed:
             kept.append(n)
             needed.update(i for i in n.input if i)
-    g.node[:] = kept[::-1]
-    g.initializer[:] = [t for t in g.initializer if t.name in needed]
+    initializers = [t for t in g.initializer if t.name in needed]
+    del g.node[:], g.initializer[:]
+    g.node.extend(kept[::-1])
+    g.initializer.extend(initializers)
     return model
 
 
