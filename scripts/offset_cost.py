@@ -12,10 +12,7 @@ symmetric 4-bit. Both compute wrong logits on purpose: they bound what a faster 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,9 +23,8 @@ from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.export.weights import rtn  # noqa: E402
-
-TIMING = ROOT / "pipeline" / "bench" / "genai_timing.py"
+from pipeline.bench.peer_timing import TimingSpec, interleaved  # noqa: E402
+from pipeline.export.weights import BlockQuant, rtn  # noqa: E402
 
 
 def without_offsets(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -57,10 +53,11 @@ def without_offsets(model: onnx.ModelProto) -> onnx.ModelProto:
 def four_bit_table(model: onnx.ModelProto) -> onnx.ModelProto:
     """The 8-bit tied table (embed.q8, embed.scales_fp16) re-rounded to symmetric 4-bit blocks of 32."""
     init = {t.name: t for t in model.graph.initializer}
-    codes = numpy_helper.to_array(init["embed.q8"]).astype(np.float32)
+    codes = numpy_helper.to_array(init["embed.q8"])  # 8 bits: one code a byte, so packed == unpacked
     scales = numpy_helper.to_array(init["embed.scales_fp16"]).astype(np.float32)
-    table = (scales[..., None] * (codes - 128)).reshape(codes.shape[0], -1)
-    q = rtn(table, 4, codes.shape[2], "symmetric")
+    rows, blocks, block = codes.shape
+    table = BlockQuant(codes.reshape(rows, -1), scales, None, None, 8, block, blocks * block).dequantize()
+    q = rtn(table, 4, block, "symmetric")
     init["embed.q8"].CopyFrom(numpy_helper.from_array(q.packed(), "embed.q8"))
     init["embed.scales_fp16"].CopyFrom(numpy_helper.from_array(q.scales.astype(np.float16), "embed.scales_fp16"))
     for n in model.graph.node:
@@ -78,12 +75,6 @@ def variant(shipped: Path, out: Path, *edits) -> Path:
     return out
 
 
-def decode_ms(folder: Path, scratch: Path) -> float:
-    result = scratch / "timing.json"
-    subprocess.run([sys.executable, str(TIMING), str(folder), "--out", str(result), "--repeats", "2"], check=True)
-    return json.loads(result.read_text())["decode_ms_per_token"]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("shipped", type=Path, help="a fused 4-bit genai folder with GGUF Q4_1 offsets")
@@ -95,14 +86,12 @@ def main() -> None:
         paths = {"other": args.other, "shipped (exact Q4_1 offsets)": args.shipped,
                  "no offsets": variant(args.shipped, tmp / "no-offsets", without_offsets),
                  "no offsets, 4-bit table": variant(args.shipped, tmp / "four-bit", without_offsets, four_bit_table)}
-        times = {label: [] for label in paths}
-        for _ in range(args.rounds):
-            for label, folder in paths.items():
-                times[label].append(decode_ms(folder, tmp))
-    base = statistics.median(times["other"])
+        times = interleaved({label: ("genai", folder) for label, folder in paths.items()},
+                            TimingSpec(repeats=2, rounds=args.rounds), None, tmp)
+    ms = {label: t["decode_ms_per_token"] for label, t in times.items()}
     print("| file | decode ms/token (median of rounds) | vs other |\n|---|---:|---:|")
-    for label, values in times.items():
-        print(f"| {label} | {statistics.median(values):.2f} | {statistics.median(values) / base:.3f}x |")
+    for label, value in ms.items():
+        print(f"| {label} | {value:.2f} | {value / ms['other']:.3f}x |")
 
 
 if __name__ == "__main__":
