@@ -1,0 +1,52 @@
+"""The quantisers against what each promises: GPTQ lowers the output error round-to-nearest leaves on the
+calibration inputs it was given, hqq lowers the weight error, and a tied table's Hessian is the input of the
+logits projection (the final hidden states), so GPTQ can fit the table for the output it feeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from pipeline.export import weights as w
+from pipeline.model.calibration import input_hessians
+
+RNG = np.random.default_rng(0)
+WEIGHT = RNG.standard_normal((48, 64)).astype(np.float32)
+# Correlated inputs with a few strong features, as transformer activations have.
+INPUTS = RNG.standard_normal((512, 64)) @ (np.eye(64) + 0.5 * RNG.standard_normal((64, 64)))
+INPUTS[:, :4] *= 8
+
+
+def _output_error(q: w.BlockQuant) -> float:
+    return float(np.linalg.norm(INPUTS @ (WEIGHT - q.dequantize()).T))
+
+
+@pytest.mark.parametrize("form", ["symmetric", "offset"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_output_error_is_below_round_to_nearest_on_its_calibration_inputs(form, bits):
+    rtn = w.rtn(WEIGHT, bits, 16, form)
+    gptq = w.gptq(WEIGHT, INPUTS.T @ INPUTS, bits, 16, form)
+    assert gptq.codes.max() < 2 ** bits
+    assert _output_error(gptq) < 0.8 * _output_error(rtn)
+
+
+def test_hqq_weight_error_is_at_most_its_min_max_start_in_every_block():
+    start, fitted = w.rtn(WEIGHT, 4, 16, "offset"), w.hqq(WEIGHT, 4, 16)
+
+    def block_errors(q):
+        return ((q.dequantize() - WEIGHT) ** 2).reshape(48, -1, 16).sum(-1)
+    assert np.all(block_errors(fitted) <= block_errors(start) + 1e-9)
+    assert block_errors(fitted).sum() < 0.95 * block_errors(start).sum()
+
+
+def test_a_tied_tables_hessian_is_the_logits_projections_input():
+    model = tiny_model("llama")
+    assert model.config.tie_word_embeddings
+    windows = np.random.default_rng(1).integers(3, 256, (3, 12))
+    hessians = input_hessians(model, windows, batch_size=2)
+    with torch.inference_mode():
+        hidden = model.model(input_ids=torch.from_numpy(windows).long()).last_hidden_state.double()
+    x = hidden.reshape(-1, hidden.shape[-1]).numpy()
+    np.testing.assert_allclose(hessians["embedding"], x.T @ x, rtol=1e-6, atol=1e-8)
