@@ -47,7 +47,7 @@ bench-peers: assets
 	$(BIN)/slimformer peers recipes/smollm2-135m-mobile.yaml --out runs/peers.json
 
 bench-quant: assets
-	$(BIN)/slimformer quant-sweep recipes/smollm2-135m-mobile.yaml --out runs/quant-sweep.json
+	$(BIN)/slimformer quant-sweep recipes/smollm2-135m-mobile.yaml --search-mb 105 --out runs/quant-sweep.json
 
 bench-heads: assets
 	$(BIN)/slimformer heads-sweep recipes/smollm2-135m-heads.yaml --counts 3 6 9 12 --out runs/heads-sweep.json

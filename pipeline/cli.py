@@ -149,7 +149,7 @@ def _cmd_quant_sweep(args) -> int:
     from .bench.quant_sweep import quant_sweep
     from .config.loading import load_recipe
 
-    quant_sweep(load_recipe(args.recipe), out=args.out)
+    quant_sweep(load_recipe(args.recipe), out=args.out, search_mb=args.search_mb, search_algorithm=args.search_algorithm)
     return 0
 
 
@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "mixed 4/8-bit) on the packaged weights and on off-grid weights: file MB, held-out perplexity")
     q.add_argument("recipe", help="recipe whose model, drop, calibration and held-out data are used")
     q.add_argument("--out", default=None, help="also write the rows as JSON here")
+    q.add_argument("--search-mb", type=float, default=None, help="also run the budget search on the undropped "
+                   "model's off-grid weights with this file budget (MB): per-group 4/8-bit mixed precision")
+    q.add_argument("--search-algorithm", choices=["rtn", "hqq", "gptq"], default="gptq",
+                   help="quantiser of that search (default gptq)")
     q.set_defaults(func=_cmd_quant_sweep)
     b = sub.add_parser("bench-budget", help="the budget search at several file budgets beside the best uniform "
                        "choice that fits and the peers' 4-bit files, held-out perplexity on one text")

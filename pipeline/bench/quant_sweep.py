@@ -3,7 +3,10 @@ GGUF's Q4_1 grid) and on weights moved off any grid, held-out perplexity and fil
 
 Off-grid weights: every weight of the recipe's (dropped) model moved by seeded uniform noise of up to half its
 own GGUF block's step, so that no quantiser can land back on the source grid; their fp32 file is the reference
-those rows are compared with. Accuracy figures only (deterministic): speed is `make bench-peers`' business.
+those rows are compared with. With `search_mb`, the budget search's per-group mixed precision is measured too: on
+the off-grid weights of the undropped model (the search keeps every sublayer), the most accurate choice of
+4 or 8 bits and block size per group and for the table whose file fits `search_mb`, beside that model's fp32.
+Accuracy figures only (deterministic): speed is `make bench-peers`' business.
 """
 
 from __future__ import annotations
@@ -54,11 +57,12 @@ def off_grid(model, seed: int = 0):
     return moved
 
 
-def quant_sweep(recipe: Recipe, out: str | None = None, rows: list[str] | None = None) -> list[dict]:
+def quant_sweep(recipe: Recipe, out: str | None = None, rows: list[str] | None = None,
+                search_mb: float | None = None, search_algorithm: str = "gptq") -> list[dict]:
     from ..export.gguf_blocks import GgufBlocks
     from ..measure.ort_runner import OnnxLM, perplexity
 
-    rows = rows or list(ROWS)
+    rows = list(ROWS) if rows is None else rows
     with bench_log("quant-sweep", out), tempfile.TemporaryDirectory(prefix="slimformer-quant-") as tmp:
         p = prepare(recipe)
         loaded, tmp = p.loaded, Path(tmp)
@@ -81,11 +85,53 @@ def quant_sweep(recipe: Recipe, out: str | None = None, rows: list[str] | None =
                 ppl = perplexity(OnnxLM(path), data.windows)["perplexity"]
                 results.append({"weights": weights, "quantiser": name, "file_mb": file_mb(path), "perplexity": ppl,
                                 "vs_fp32_pct": 100 * (ppl / base["perplexity"] - 1)})
-                console.say(f"  {weights} / {name}: {results[-1]['file_mb']:.1f} MB, perplexity "
-                            f"{results[-1]['perplexity']:.3f} ({pct(results[-1]['perplexity'], base['perplexity'])})")
+                _say(results[-1], base)
+        if search_mb is not None:
+            results += searched_rows(recipe, p, data, search_mb, search_algorithm, tmp)
     write_json(out, {"model": loaded.description, "rows": results, "tokens": int(data.windows.size - len(data.windows))})
     print(markdown_table(results))
     return results
+
+
+def _say(row: dict, base: dict) -> None:
+    console.say(f"  {row['weights']} / {row['quantiser']}: {row['file_mb']:.1f} MB, perplexity "
+                f"{row['perplexity']:.3f} ({pct(row['perplexity'], base['perplexity'])})")
+
+
+def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithm: str, tmp: Path) -> list[dict]:
+    """The undropped model's off-grid weights: their fp32 file, and the budget search's most accurate per-group
+    formats (fitted by `algorithm`) within `max_mb`, exported and scored like the other rows."""
+    import dataclasses
+
+    from ..budget import search
+    from ..config.budget import BudgetSpec, SearchSpec, SelectionStep
+    from ..ladder import export_structure
+    from ..measure.ort_runner import OnnxLM, perplexity
+
+    loaded = p.loaded
+    moved = dataclasses.replace(loaded, model=off_grid(loaded.model), gguf=None,
+                                source_sha256=f"{loaded.source_sha256}:off-grid-0")  # its own cached sensitivities
+    spec = SearchSpec(algorithm=algorithm, form="offset", source_blocks=False, drop_attention=False,
+                      kv_precisions=["fp32"], generations=20, offspring=8, max_seconds=400, heldout_points=0,
+                      baseline_drops=[0], selection=[SelectionStep(windows=1, keep=2), SelectionStep(windows=4, keep=1)])
+    budget = BudgetSpec(name="off-grid", max_file_mb=max_mb, search=spec,
+                        context=recipe.validate_.latency.decode_context)  # only the file is limited
+    budgeted = recipe.model_copy(update={"budget": budget})
+    weights = "off-grid (seeded noise), undropped"
+    fp32 = export(moved.model, loaded.tokenizer, tmp / "fp32-undropped", recipe.export).path
+    base = {"weights": weights, "quantiser": "fp32", "file_mb": file_mb(fp32),
+            "perplexity": perplexity(OnnxLM(fp32), data.windows)["perplexity"]}
+    scores = score(moved.model, loaded.tokenizer, recipe.calibration, loaded.description)
+    found = search(budgeted, moved, p.info, scores, calibration_windows(loaded.tokenizer, recipe.calibration),
+                   data.windows)
+    structure = found.space.structure(found.chosen["off-grid"])
+    path = export_structure(moved.model, structure, found.evaluator, budgeted, tmp / "searched")
+    ppl = perplexity(OnnxLM(path), data.windows)["perplexity"]
+    row = {"weights": weights, "quantiser": f"budget search <= {max_mb:g} MB ({algorithm})", "file_mb": file_mb(path),
+           "perplexity": ppl, "vs_fp32_pct": 100 * (ppl / base["perplexity"] - 1),
+           "structure": found.space.describe(found.chosen["off-grid"])}
+    _say(row, base)
+    return [base, row]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -94,4 +140,5 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         vs = "" if r["quantiser"] == "fp32" else f"{r['vs_fp32_pct']:+.1f} %"
         lines.append(f"| {r['weights']} | {r['quantiser']} | {r['file_mb']:.1f} | {r['perplexity']:.3f} | {vs} |")
+    lines += [f"- {r['quantiser']}: {r['structure']}" for r in rows if "structure" in r]
     return "\n".join(lines)
