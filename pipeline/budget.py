@@ -148,10 +148,11 @@ def _group_quantizer(recipe: Recipe, loaded, windows: np.ndarray):
 
     s = recipe.budget.search
     gguf = open_gguf(loaded.gguf) if loaded.gguf is not None and s.source_blocks else None
-    hessians = input_hessians(loaded.model, windows) if s.algorithm == "gptq" else None
+    hessians = input_hessians(loaded.model, windows) if "gptq" in (s.algorithm, s.table_algorithm) else None
 
     def quantize(group, parts, params, fmt):
-        return format_quantizer({group: fmt}, s.algorithm, s.grid, gguf, hessians)(group, parts, params)
+        algorithm = s.table_algorithm or s.algorithm if group in (TABLE, "lm_head") else s.algorithm
+        return format_quantizer({group: fmt}, algorithm, s.grid, gguf, hessians)(group, parts, params)
     return quantize
 
 
@@ -182,7 +183,7 @@ def _sensitivities(recipe: Recipe, loaded, ev, space: Space, windows: np.ndarray
     s = recipe.budget.search
     n = s.sensitivity_windows
     key = {"model": loaded.source_sha256, "windows": sha256_json(windows[:n].tolist()), "grid": s.grid,
-           "algorithm": s.algorithm, "levels": {g: [f.name for f in v] for g, v in space.levels.items()},
+           "algorithm": s.algorithms, "levels": {g: [f.name for f in v] for g, v in space.levels.items()},
            "kv": list(space.kv), "drops": [space.drop_attention, space.drop_mlp], "libraries": library_versions()}
     folder = home() / "sensitivities" / sha256_json(key)[:24]
     if (folder / Sensitivities.filename).is_file():

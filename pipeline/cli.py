@@ -149,7 +149,8 @@ def _cmd_quant_sweep(args) -> int:
     from .bench.quant_sweep import quant_sweep
     from .config.loading import load_recipe
 
-    quant_sweep(load_recipe(args.recipe), out=args.out, search_mb=args.search_mb, search_algorithm=args.search_algorithm)
+    quant_sweep(load_recipe(args.recipe), out=args.out, rows=args.rows, search_mb=args.search_mb,
+                search_algorithm=args.search_algorithm, search_table_algorithm=args.search_table_algorithm)
     return 0
 
 
@@ -232,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's off-grid weights with this file budget (MB): per-group 4/8-bit mixed precision")
     q.add_argument("--search-algorithm", choices=["rtn", "hqq", "gptq"], default="gptq",
                    help="quantiser of that search (default gptq)")
+    q.add_argument("--search-table-algorithm", choices=["rtn", "hqq", "gptq"], default=None,
+                   help="quantiser of that search's embedding / logits table (default: --search-algorithm)")
+    q.add_argument("--rows", nargs="*", default=None, metavar="ROW",
+                   help="only these quantiser rows (names as in the table; none: only the search)")
     q.set_defaults(func=_cmd_quant_sweep)
     b = sub.add_parser("bench-budget", help="the budget search at several file budgets beside the best uniform "
                        "choice that fits and the peers' 4-bit files, held-out perplexity on one text")

@@ -119,3 +119,27 @@ def test_a_search_is_reproducible_with_its_seed(tmp_path, monkeypatch):
     fitting = [st for _, st in uniform_baselines(first.space, scores, [0]) if costs.file_bytes(info, st) / 1e6
                <= file_mb * 0.2]
     assert fitting and all(first.kl["budget"] <= first.evaluator.kl(st, 2) for st in fitting)  # never below one
+
+
+def test_the_table_takes_the_table_algorithm_and_the_other_groups_the_algorithm():
+    from types import SimpleNamespace
+
+    from pipeline.budget import _group_quantizer
+    from pipeline.config.loading import parse_recipe
+    from pipeline.export import weights
+    from pipeline.model.calibration import input_hessians
+    from pipeline.model.groups import linear_groups
+
+    model = tiny_model("llama")
+    recipe = parse_recipe({"name": "t", "budget": {"max_file_mb": 1, "search": {
+        "algorithm": "hqq", "table_algorithm": "gptq", "form": "offset"}}})
+    quantize = _group_quantizer(recipe, SimpleNamespace(model=model, gguf=None), WINDOWS)
+    hessians = input_hessians(model, WINDOWS)
+    fmt = structure.quant_format(4, 16, "offset")
+    for group, expected in (("embedding", lambda x: weights.gptq(x, hessians["embedding"], 4, 16, "offset")),
+                            ("layers.0.down", lambda x: weights.hqq(x, 4, 16))):
+        members = linear_groups(model)[group]
+        parts = [m.weight.detach().float().numpy() for _, m in members]
+        got = quantize(group, parts, [p for p, _ in members], fmt)
+        np.testing.assert_array_equal(got.dequantize(), expected(np.concatenate(parts)).dequantize())
+    assert recipe.budget.search.algorithms == "hqq (table gptq)"

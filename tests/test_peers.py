@@ -254,3 +254,11 @@ def test_builder_int4_reads_rope_theta_and_loads_in_the_runner(tmp_path):
     ids = loaded.tokenizer("The king of England rode to the castle.", return_tensors="np")["input_ids"]
     assert 1 < perplexity(OnnxLM(folder / "model.onnx"), ids)["perplexity"] < 1000
     assert json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 30
+
+
+def test_quant_sweep_refuses_a_row_it_does_not_have(tiny_project):
+    from pipeline.bench.quant_sweep import quant_sweep
+    from pipeline.config.loading import load_recipe
+
+    with pytest.raises(SlimformerError, match=r"rows \['gptq 3-bit'\] are unknown; choose from source GGUF blocks"):
+        quant_sweep(load_recipe(tiny_project), rows=["gptq 3-bit"])

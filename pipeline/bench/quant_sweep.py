@@ -19,6 +19,7 @@ import numpy as np
 from .. import console
 from ..config.quantize import OnnxInt4Spec
 from ..config.recipe import Recipe
+from ..errors import SlimformerError
 from ..measure.validate import file_mb, prepare_eval_data
 from ..stages import calibration_windows, drop, export, plan, prepare, quantize_fused, score
 from .common import bench_log, pct, write_json
@@ -58,11 +59,14 @@ def off_grid(model, seed: int = 0):
 
 
 def quant_sweep(recipe: Recipe, out: str | None = None, rows: list[str] | None = None,
-                search_mb: float | None = None, search_algorithm: str = "gptq") -> list[dict]:
+                search_mb: float | None = None, search_algorithm: str = "gptq",
+                search_table_algorithm: str | None = None) -> list[dict]:
     from ..export.gguf_blocks import GgufBlocks
     from ..measure.ort_runner import OnnxLM, perplexity
 
     rows = list(ROWS) if rows is None else rows
+    if unknown := [r for r in rows if r not in ROWS]:
+        raise SlimformerError(f"quant-sweep rows {unknown} are unknown; choose from {', '.join(ROWS)}")
     with bench_log("quant-sweep", out), tempfile.TemporaryDirectory(prefix="slimformer-quant-") as tmp:
         p = prepare(recipe)
         loaded, tmp = p.loaded, Path(tmp)
@@ -87,7 +91,7 @@ def quant_sweep(recipe: Recipe, out: str | None = None, rows: list[str] | None =
                                 "vs_fp32_pct": 100 * (ppl / base["perplexity"] - 1)})
                 _say(results[-1], base)
         if search_mb is not None:
-            results += searched_rows(recipe, p, data, search_mb, search_algorithm, tmp)
+            results += searched_rows(recipe, p, data, search_mb, search_algorithm, search_table_algorithm, tmp)
     write_json(out, {"model": loaded.description, "rows": results, "tokens": int(data.windows.size - len(data.windows))})
     print(markdown_table(results))
     return results
@@ -98,9 +102,11 @@ def _say(row: dict, base: dict) -> None:
                 f"{row['perplexity']:.3f} ({pct(row['perplexity'], base['perplexity'])})")
 
 
-def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithm: str, tmp: Path) -> list[dict]:
+def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithm: str, table_algorithm: str | None,
+                  tmp: Path) -> list[dict]:
     """The undropped model's off-grid weights: their fp32 file, and the budget search's most accurate per-group
-    formats (fitted by `algorithm`) within `max_mb`, exported and scored like the other rows."""
+    formats (fitted by `algorithm`, the table by `table_algorithm`) within `max_mb`, exported and scored like
+    the other rows."""
     import dataclasses
 
     from ..budget import search
@@ -111,7 +117,7 @@ def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithm: str, tmp: P
     loaded = p.loaded
     moved = dataclasses.replace(loaded, model=off_grid(loaded.model), gguf=None,
                                 source_sha256=f"{loaded.source_sha256}:off-grid-0")  # its own cached sensitivities
-    spec = SearchSpec(algorithm=algorithm, form="offset", source_blocks=False, drop_attention=False,
+    spec = SearchSpec(algorithm=algorithm, table_algorithm=table_algorithm, form="offset", source_blocks=False, drop_attention=False,
                       kv_precisions=["fp32"], generations=20, offspring=8, max_seconds=400, heldout_points=0,
                       baseline_drops=[0], selection=[SelectionStep(windows=1, keep=2), SelectionStep(windows=4, keep=1)])
     budget = BudgetSpec(name="off-grid", max_file_mb=max_mb, search=spec,
@@ -127,7 +133,7 @@ def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithm: str, tmp: P
     structure = found.space.structure(found.chosen["off-grid"])
     path = export_structure(moved.model, structure, found.evaluator, budgeted, tmp / "searched")
     ppl = perplexity(OnnxLM(path), data.windows)["perplexity"]
-    row = {"weights": weights, "quantiser": f"budget search <= {max_mb:g} MB ({algorithm})", "file_mb": file_mb(path),
+    row = {"weights": weights, "quantiser": f"budget search <= {max_mb:g} MB ({spec.algorithms})", "file_mb": file_mb(path),
            "perplexity": ppl, "vs_fp32_pct": 100 * (ppl / base["perplexity"] - 1),
            "structure": found.space.describe(found.chosen["off-grid"])}
     _say(row, base)

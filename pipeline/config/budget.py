@@ -39,8 +39,12 @@ class SearchSpec(Block):
                                 "added error) where the model came from a GGUF with Q4_0, Q4_1 or Q8_0 tensors.")
     algorithm: Literal["rtn", "hqq", "gptq"] = Field("rtn", description="Quantiser for every group not kept in "
                                                      "the source's blocks (see the quantize block's algorithm).")
+    table_algorithm: Literal["rtn", "hqq", "gptq"] | None = Field(
+        None, description="Quantiser of the embedding / logits table when it is not kept in the source's blocks "
+        "(default: `algorithm`). gptq fits a tied table to the logits it feeds (its Hessian is the final hidden "
+        "state's), which held-out text rewards more than it rewards the other groups (docs/results.md).")
     form: Literal["symmetric", "asymmetric", "offset"] = Field(
-        "symmetric", description="Block grid of that quantiser; hqq always uses offset.")
+        "symmetric", description="Block grid of that quantiser; hqq (for either) always uses offset.")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type of the written file.")
     kv_precisions: list[Literal["fp32", "fp16"]] = Field(
         ["fp32", "fp16"], min_length=1, description="KV cache precisions to choose from (fp16 halves KV memory; "
@@ -67,7 +71,13 @@ class SearchSpec(Block):
 
     @property
     def grid(self) -> str:
-        return "offset" if self.algorithm == "hqq" else self.form
+        return "offset" if "hqq" in (self.algorithm, self.table_algorithm) else self.form
+
+    @property
+    def algorithms(self) -> str:
+        """One line: the quantiser, and the table's where it differs."""
+        table = self.table_algorithm
+        return self.algorithm if table in (None, self.algorithm) else f"{self.algorithm} (table {table})"
 
 
 class BudgetLimits(Block):
