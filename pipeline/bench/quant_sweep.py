@@ -91,7 +91,7 @@ def quant_sweep(recipe: Recipe, out: str | None = None, rows: list[str] | None =
                                 "vs_fp32_pct": 100 * (ppl / base["perplexity"] - 1)})
                 _say(results[-1], base)
         if search_mb is not None:
-            results += searched_rows(recipe, p, data, search_mb, search_algorithm, search_table_algorithm, tmp)
+            results += searched_rows(recipe, p, data, search_mb, (search_algorithm, search_table_algorithm), tmp)
     write_json(out, {"model": loaded.description, "rows": results, "tokens": int(data.windows.size - len(data.windows))})
     print(markdown_table(results))
     return results
@@ -102,11 +102,11 @@ def _say(row: dict, base: dict) -> None:
                 f"{row['perplexity']:.3f} ({pct(row['perplexity'], base['perplexity'])})")
 
 
-def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithm: str, table_algorithm: str | None,
+def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithms: tuple[str, str | None],
                   tmp: Path) -> list[dict]:
     """The undropped model's off-grid weights: their fp32 file, and the budget search's most accurate per-group
-    formats (fitted by `algorithm`, the table by `table_algorithm`) within `max_mb`, exported and scored like
-    the other rows."""
+    formats within `max_mb` (fitted by the first of `algorithms`, the table by the second or else the first),
+    exported and scored like the other rows."""
     import dataclasses
 
     from ..budget import search
@@ -117,9 +117,10 @@ def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithm: str, table_
     loaded = p.loaded
     moved = dataclasses.replace(loaded, model=off_grid(loaded.model), gguf=None,
                                 source_sha256=f"{loaded.source_sha256}:off-grid-0")  # its own cached sensitivities
-    spec = SearchSpec(algorithm=algorithm, table_algorithm=table_algorithm, form="offset", source_blocks=False, drop_attention=False,
-                      kv_precisions=["fp32"], generations=20, offspring=8, max_seconds=400, heldout_points=0,
-                      baseline_drops=[0], selection=[SelectionStep(windows=1, keep=2), SelectionStep(windows=4, keep=1)])
+    spec = SearchSpec(algorithm=algorithms[0], table_algorithm=algorithms[1], form="offset", source_blocks=False,
+                      drop_attention=False, kv_precisions=["fp32"], generations=20, offspring=8, max_seconds=400,
+                      heldout_points=0, baseline_drops=[0],
+                      selection=[SelectionStep(windows=1, keep=2), SelectionStep(windows=4, keep=1)])
     budget = BudgetSpec(name="off-grid", max_file_mb=max_mb, search=spec,
                         context=recipe.validate_.latency.decode_context)  # only the file is limited
     budgeted = recipe.model_copy(update={"budget": budget})
@@ -133,8 +134,8 @@ def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithm: str, table_
     structure = found.space.structure(found.chosen["off-grid"])
     path = export_structure(moved.model, structure, found.evaluator, budgeted, tmp / "searched")
     ppl = perplexity(OnnxLM(path), data.windows)["perplexity"]
-    row = {"weights": weights, "quantiser": f"budget search <= {max_mb:g} MB ({spec.algorithms})", "file_mb": file_mb(path),
-           "perplexity": ppl, "vs_fp32_pct": 100 * (ppl / base["perplexity"] - 1),
+    row = {"weights": weights, "quantiser": f"budget search <= {max_mb:g} MB ({spec.algorithms})",
+           "file_mb": file_mb(path), "perplexity": ppl, "vs_fp32_pct": 100 * (ppl / base["perplexity"] - 1),
            "structure": found.space.describe(found.chosen["off-grid"])}
     _say(row, base)
     return [base, row]
