@@ -151,7 +151,7 @@ def _group_quantizer(recipe: Recipe, loaded, windows: np.ndarray):
     hessians = input_hessians(loaded.model, windows) if "gptq" in (s.algorithm, s.table_algorithm) else None
 
     def quantize(group, parts, params, fmt):
-        algorithm = s.table_algorithm or s.algorithm if group in (TABLE, "lm_head") else s.algorithm
+        algorithm = (s.table_algorithm or s.algorithm) if group in (TABLE, "lm_head") else s.algorithm
         return format_quantizer({group: fmt}, algorithm, s.grid, gguf, hessians)(group, parts, params)
     return quantize
 

@@ -91,7 +91,8 @@ def quant_sweep(recipe: Recipe, out: str | None = None, rows: list[str] | None =
                                 "vs_fp32_pct": 100 * (ppl / base["perplexity"] - 1)})
                 _say(results[-1], base)
         if search_mb is not None:
-            results += searched_rows(recipe, p, data, search_mb, (search_algorithm, search_table_algorithm), tmp)
+            results += searched_rows(recipe, p, data, windows, scores, search_mb,
+                                     (search_algorithm, search_table_algorithm), tmp)
     write_json(out, {"model": loaded.description, "rows": results, "tokens": int(data.windows.size - len(data.windows))})
     print(markdown_table(results))
     return results
@@ -102,11 +103,12 @@ def _say(row: dict, base: dict) -> None:
                 f"{row['perplexity']:.3f} ({pct(row['perplexity'], base['perplexity'])})")
 
 
-def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithms: tuple[str, str | None],
+def searched_rows(recipe: Recipe, p, data, windows, scores, max_mb: float, algorithms: tuple[str, str | None],
                   tmp: Path) -> list[dict]:
     """The undropped model's off-grid weights: their fp32 file, and the budget search's most accurate per-group
     formats within `max_mb` (fitted by the first of `algorithms`, the table by the second or else the first),
-    exported and scored like the other rows."""
+    exported and scored like the other rows. `windows` are the calibration windows; `scores` (the sweep's own)
+    only rank drops, and this search drops nothing, so the off-grid model is not scored again."""
     import dataclasses
 
     from ..budget import search
@@ -128,9 +130,7 @@ def searched_rows(recipe: Recipe, p, data, max_mb: float, algorithms: tuple[str,
     fp32 = export(moved.model, loaded.tokenizer, tmp / "fp32-undropped", recipe.export).path
     base = {"weights": weights, "quantiser": "fp32", "file_mb": file_mb(fp32),
             "perplexity": perplexity(OnnxLM(fp32), data.windows)["perplexity"]}
-    scores = score(moved.model, loaded.tokenizer, recipe.calibration, loaded.description)
-    found = search(budgeted, moved, p.info, scores, calibration_windows(loaded.tokenizer, recipe.calibration),
-                   data.windows)
+    found = search(budgeted, moved, p.info, scores, windows, data.windows)
     structure = found.space.structure(found.chosen["off-grid"])
     path = export_structure(moved.model, structure, found.evaluator, budgeted, tmp / "searched")
     ppl = perplexity(OnnxLM(path), data.windows)["perplexity"]
