@@ -241,6 +241,7 @@ class FootprintPoint(Artifact):
     """One calibration file run under the memory protocol on a target, with the cost model's features."""
 
     label: str
+    kv_dtype: str
     file_bytes: int
     features: dict[str, float]
     peak_rss_mb: float
@@ -251,23 +252,24 @@ class FootprintPoint(Artifact):
 class FootprintCalibration(Artifact):
     """A target's runtime costs, measured once on synthetic files of one model shape at one context: peak RSS
     (MiB) and decode ms per token are linear in the cost model's features (`pipeline.model.costs`), with these
-    coefficients (feature name -> coefficient)."""
+    coefficients (KV cache precision -> feature name -> coefficient). Each KV precision has its own fit: an fp16
+    cache runs attention between Casts, which changes what the peak holds and what a step costs."""
 
     target: str
     context: int
     threads: int
     onnxruntime: str
     points: tuple[FootprintPoint, ...]
-    memory: dict[str, float]
-    decode: dict[str, float]
+    memory: dict[str, dict[str, float]]
+    decode: dict[str, dict[str, float]]
     seconds: float = 0.0
     filename: ClassVar[str] = "calibration.json"
 
-    def memory_mb(self, features: dict[str, float]) -> float:
-        return sum(c * features[k] for k, c in self.memory.items())
+    def memory_mb(self, features: dict[str, float], kv_dtype: str) -> float:
+        return sum(c * features[k] for k, c in self.memory[kv_dtype].items())
 
-    def decode_ms(self, features: dict[str, float]) -> float:
-        return sum(c * features[k] for k, c in self.decode.items())
+    def decode_ms(self, features: dict[str, float], kv_dtype: str) -> float:
+        return sum(c * features[k] for k, c in self.decode[kv_dtype].items())
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,7 @@ class LadderRung(Artifact):
     memory_mb: float  # peak RSS under the memory protocol at the ladder's context, on its target
     predicted_memory_mb: float | None
     kv_kb_per_token: float
+    kv_factor: float | None  # peak MiB per MiB of this rung's KV cache, to move its memory to another context
     decode_ms: float  # per token with the context cached, same run
     perplexity: float
     perplexity_increase_pct: float
@@ -351,7 +354,6 @@ class Ladder(Artifact):
     model: str
     context: int
     target: str
-    kv_factor: float | None  # peak MiB per MiB of KV cache, to move a rung's memory to another context
     original_perplexity: float
     rungs: tuple[LadderRung, ...]
     filename: ClassVar[str] = "ladder.json"

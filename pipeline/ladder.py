@@ -101,12 +101,12 @@ def ladder(recipe: Recipe, model: str, reports: dict[str, Report], folders: dict
         rungs.append(LadderRung(
             name=name, files=files, file_mb=figures.file_mb, memory_mb=b.measured["memory_mb"],
             predicted_memory_mb=b.predicted["memory_mb"], kv_kb_per_token=figures.kv_kb_per_token,
+            kv_factor=calibration.memory[b.kv_cache].get("kv_mib") if calibration is not None else None,
             decode_ms=b.measured["decode_ms"], perplexity=figures.perplexity,
             perplexity_increase_pct=100 * (figures.perplexity / original.perplexity - 1),
             mc_accuracy=figures.mc_accuracy, limits=b.limits, passed=report.passed))
     first = next(iter(reports.values()))
     return Ladder(model=model, context=recipe.budget.context, target=recipe.budget.target,
-                  kv_factor=calibration.memory.get("kv_mib") if calibration is not None else None,
                   original_perplexity=first.validation.models["original"].perplexity,
                   rungs=tuple(sorted(rungs, key=lambda r: r.perplexity)))
 

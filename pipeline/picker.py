@@ -19,7 +19,7 @@ def memory_at(rung: dict, ladder: dict, context: int | None = None) -> float:
     cache of the difference times the measured cost of a KV MiB."""
     if context is None or context == ladder["context"]:
         return rung["memory_mb"]
-    factor = ladder.get("kv_factor") or 3.0  # the runner holds about three copies of the cache at its peak
+    factor = rung.get("kv_factor") or 3.0  # the runner holds two to three copies of the cache at its peak
     return rung["memory_mb"] + (context - ladder["context"]) * rung["kv_kb_per_token"] / 1024 * factor
 
 

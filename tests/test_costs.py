@@ -82,24 +82,30 @@ def test_block_padding_is_paid_for():
     assert structure.Format(4, 64).payload(n, k) == n * (576 // 2 + 2 * 9) < structure.Format(4, 128).payload(n, k)
 
 
-def test_calibration_fit_recovers_linear_costs():
-    """Points made from known coefficients are fitted back; a slope that noise makes negative is held at 0."""
+def test_calibration_fit_recovers_linear_costs_per_kv_precision():
+    """Points made from known coefficients, different for each KV precision, are fitted back; a slope that noise
+    makes negative is held at 0."""
     rng = np.random.default_rng(0)
-    memory = {k: rng.uniform(0.5, 3) for k in costs.MEMORY_FEATURES}
-    decode = {k: rng.uniform(0.5, 3) for k in costs.DECODE_FEATURES}
+    truth = {kv: ({k: rng.uniform(0.5, 3) for k in costs.MEMORY_FEATURES},
+                  {k: rng.uniform(0.5, 3) for k in costs.DECODE_FEATURES}) for kv in ("fp32", "fp16")}
     points = []
-    for i in range(9):
+    for i in range(18):
+        kv = ("fp32", "fp16")[i % 2]
+        memory, decode = truth[kv]
         f = {k: rng.uniform(1, 100) for k in {*costs.MEMORY_FEATURES, *costs.DECODE_FEATURES}}
         f["base"] = 1.0
-        points.append(FootprintPoint(label=str(i), file_bytes=0, features=f,
+        points.append(FootprintPoint(label=str(i), kv_dtype=kv, file_bytes=0, features=f,
                                      peak_rss_mb=sum(c * f[k] for k, c in memory.items()),
                                      decode_ms=sum(c * f[k] for k, c in decode.items())))
     got = fit(points, "host", 64, 2, "x", 0.0)
-    assert got.memory == pytest.approx(memory) and got.decode == pytest.approx(decode)
+    for kv, (memory, decode) in truth.items():
+        assert got.memory[kv] == pytest.approx(memory) and got.decode[kv] == pytest.approx(decode)
+    f = points[0].features
+    assert got.memory_mb(f, "fp16") != pytest.approx(got.memory_mb(f, "fp32"))
     assert FootprintCalibration.from_json(got.to_json()) == got
-    flat = [FootprintPoint(label=p.label, file_bytes=0, features=p.features, peak_rss_mb=100 - p.features["kv_mib"],
-                           decode_ms=1.0) for p in points]
-    assert fit(flat, "host", 64, 2, "x", 0.0).memory["kv_mib"] == 0.0
+    flat = [FootprintPoint(label=p.label, kv_dtype=p.kv_dtype, file_bytes=0, features=p.features,
+                           peak_rss_mb=100 - p.features["kv_mib"], decode_ms=1.0) for p in points]
+    assert fit(flat, "host", 64, 2, "x", 0.0).memory["fp16"]["kv_mib"] == 0.0
 
 
 def test_protocol_constants_agree():

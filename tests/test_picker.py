@@ -9,11 +9,11 @@ import pytest
 
 from pipeline import picker
 
-LADDER = {"context": 2048, "kv_factor": 3.0, "rungs": [
+LADDER = {"context": 2048, "rungs": [
     {"name": "large", "files": {"onnx": "rungs/large/onnx-large/model.onnx"}, "memory_mb": 560.0,
-     "kv_kb_per_token": 45.0},
+     "kv_kb_per_token": 45.0, "kv_factor": 3.0},
     {"name": "medium", "files": {"onnx": "rungs/medium/onnx-medium/model.onnx"}, "memory_mb": 450.0,
-     "kv_kb_per_token": 22.5},
+     "kv_kb_per_token": 22.5, "kv_factor": 2.0},
     {"name": "small", "files": {"onnx": "rungs/small/onnx-small/model.onnx"}, "memory_mb": 300.0,
      "kv_kb_per_token": 21.0}]}
 
@@ -28,9 +28,12 @@ def test_the_most_capable_rung_that_fits_is_picked_and_failed_ones_are_skipped()
 
 
 def test_memory_moves_with_the_context_by_the_kv_cache():
-    large = LADDER["rungs"][0]
+    """By each rung's own cost of a KV MiB (its KV precision's), 3 where a rung has none."""
+    large, medium, small = LADDER["rungs"]
     assert picker.memory_at(large, LADDER, 4096) == pytest.approx(560 + 2048 * 45 / 1024 * 3)
     assert picker.memory_at(large, LADDER, 1024) == pytest.approx(560 - 1024 * 45 / 1024 * 3)
+    assert picker.memory_at(medium, LADDER, 4096) == pytest.approx(450 + 2048 * 22.5 / 1024 * 2)
+    assert picker.memory_at(small, LADDER, 4096) == pytest.approx(300 + 2048 * 21 / 1024 * 3)
     assert picker.pick(LADDER, 600, context=4096)["name"] == "medium"  # 560 MiB at 2048 is 830 at 4096
 
 

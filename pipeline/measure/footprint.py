@@ -1,12 +1,12 @@
 """A target's runtime costs for the budget's cost model, measured once and cached: peak memory under the memory
 protocol (`ort_runner.memory_protocol`: load, prefill `context` tokens in chunks, decode) and decode time per
 token, on seven synthetic fused files of the model's shape that vary one cost at a time (bit width of the
-linears and of the table, block size, offsets, KV cache), fitted by least squares to the cost model's features
-(`pipeline.model.costs.runtime_features`).
+linears and of the table, block size, offsets, KV cache), each written with an fp32 and an fp16 KV cache and
+fitted per KV precision by least squares to the cost model's features (`pipeline.model.costs.runtime_features`).
 
 Synthetic files carry random codes: memory and time do not depend on the values, so no weights are loaded and
 the calibration can run before a budget is checked (`stages.preflight`). Cached under home()/footprint by the
-target, the model's shape, the context, the threads, onnxruntime and the runner's code.
+target, the model's shape, the context, the threads, onnxruntime, the runner's code and the files' list.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .. import console
 from ..artifacts import FootprintCalibration, FootprintPoint, ModelInfo
 from ..config.paths import home
 from ..model.costs import DECODE_FEATURES, MEMORY_FEATURES, runtime_features
-from ..model.structure import TABLE, Structure, quant_format
+from ..model.structure import KV_BYTES, TABLE, Structure, quant_format
 from ..rundir import sha256_file, sha256_json, staged_folder
 from .transports import RUNNER, run_on_target
 
@@ -43,16 +43,17 @@ def calibration(info: ModelInfo, target, context: int, threads: int) -> Footprin
 
     shape = {k: v for k, v in info.to_json().items() if k != "source"}
     key = {"target": target.model_dump(mode="json"), "shape": shape, "context": context, "threads": threads,
-           "onnxruntime": onnxruntime.__version__, "runner": sha256_file(RUNNER)}
+           "onnxruntime": onnxruntime.__version__, "runner": sha256_file(RUNNER), "files": FILES, "kv": list(KV_BYTES)}
     folder = home() / "footprint" / sha256_json(key)[:20]
     if (folder / FootprintCalibration.filename).is_file():
         return FootprintCalibration.read(folder)
     console.say(f"budget: measuring {target.name}'s memory and decode time for this model shape at {context} "
                 "tokens (once; cached) ...")
     start = time.perf_counter()
+    runs = [(label, spec, kv) for kv in KV_BYTES for label, spec in FILES.items()]
     with tempfile.TemporaryDirectory(prefix="slimformer-footprint-") as tmp:
-        points = [_measure(info, label, calibration_structure(info, *spec), target, context, threads, Path(tmp))
-                  for label, spec in console.progress(FILES.items(), desc="calibration", total=len(FILES))]
+        points = [_measure(info, label, calibration_structure(info, *spec, kv), target, context, threads, Path(tmp))
+                  for label, spec, kv in console.progress(runs, desc="calibration", total=len(runs))]
     result = fit(points, target.name, context, threads, onnxruntime.__version__, time.perf_counter() - start)
     with staged_folder(folder) as work:
         result.write(work)
@@ -61,13 +62,13 @@ def calibration(info: ModelInfo, target, context: int, threads: int) -> Footprin
 
 
 def calibration_structure(info: ModelInfo, bits: int, block: int, grid: str, table_bits: int, table_grid: str,
-                          half_attention: bool) -> Structure:
+                          half_attention: bool, kv_dtype: str = "fp32") -> Structure:
     n = info.num_layers
     attention = tuple(i % 2 == 0 for i in range(n)) if half_attention else (True,) * n
     s = Structure(attention, (True,) * n)
     formats = {g: quant_format(table_bits, 32, table_grid) if g in (TABLE, "lm_head") else
                quant_format(bits, block, grid) for g in s.groups(info)}
-    return Structure(attention, s.mlp, formats)
+    return Structure(attention, s.mlp, formats, kv_dtype)
 
 
 def _measure(info: ModelInfo, label: str, s: Structure, target, context: int, threads: int, tmp: Path):
@@ -75,14 +76,14 @@ def _measure(info: ModelInfo, label: str, s: Structure, target, context: int, th
     from ..model.prune import drop_sublayers_inplace
 
     model = drop_sublayers_inplace(synthetic_model(info), [i for i, k in enumerate(s.attention) if not k], [])
-    folder = tmp / "".join(c if c.isalnum() else "-" for c in label)
-    path = export_fused(model, folder, synthetic_quantizer(s.formats)).path
+    folder = tmp / "".join(c if c.isalnum() else "-" for c in f"{label} {s.kv_dtype}")
+    path = export_fused(model, folder, synthetic_quantizer(s.formats), kv_dtype=s.kv_dtype).path
     inputs = tmp / "empty.npz"
     np.savez(inputs)
     memory = run_on_target(target, path, inputs, tmp / "work", threads, ["--memory-context", str(context)])["memory"]
     size = path.stat().st_size
     shutil.rmtree(folder)
-    return FootprintPoint(label=label, file_bytes=size,
+    return FootprintPoint(label=label, kv_dtype=s.kv_dtype, file_bytes=size,
                           features=runtime_features(info, s, context), peak_rss_mb=memory["peak_rss_mb"],
                           decode_ms=memory["decode_ms_p50"])
 
@@ -131,14 +132,16 @@ def synthetic_quantizer(formats: dict, seed: int = 0):
 
 def fit(points: list[FootprintPoint], target: str, context: int, threads: int, ort: str,
         seconds: float) -> FootprintCalibration:
-    """Least-squares coefficients over the cost model's features, slopes kept non-negative (a negative one is
-    noise and is fixed at 0)."""
-    def solve(names, measured):
-        coef = _nonnegative([[p.features[k] for k in names] for p in points], [measured(p) for p in points])
-        return dict(zip(names, coef))
-    return FootprintCalibration(target=target, context=context, threads=threads, onnxruntime=ort,
-                                points=tuple(points), memory=solve(MEMORY_FEATURES, lambda p: p.peak_rss_mb),
-                                decode=solve(DECODE_FEATURES, lambda p: p.decode_ms), seconds=round(seconds, 1))
+    """Least-squares coefficients over the cost model's features for each KV precision the points cover, slopes
+    kept non-negative (a negative one is noise and is fixed at 0)."""
+    def solve(names, measured, kv):
+        own = [p for p in points if p.kv_dtype == kv]
+        return dict(zip(names, _nonnegative([[p.features[k] for k in names] for p in own], [measured(p) for p in own])))
+    kvs = sorted({p.kv_dtype for p in points})
+    return FootprintCalibration(
+        target=target, context=context, threads=threads, onnxruntime=ort, points=tuple(points),
+        memory={kv: solve(MEMORY_FEATURES, lambda p: p.peak_rss_mb, kv) for kv in kvs},
+        decode={kv: solve(DECODE_FEATURES, lambda p: p.decode_ms, kv) for kv in kvs}, seconds=round(seconds, 1))
 
 
 def _nonnegative(rows, values) -> list[float]:

@@ -208,7 +208,7 @@ def kv_bytes_per_token(info: ModelInfo, s: Structure) -> int:
 # Features of the runtime models a target's calibration fits (pipeline.measure.footprint): onnxruntime copies
 # and repacks codes at load (a tied table is read by two kernels and kept twice), adds fp32 scales and block sums
 # per block, fp32 offsets and their correction, the KV cache, and (a table with offsets) a [chunk, vocab]
-# correction at every prefill chunk.
+# correction at every prefill chunk. Each KV precision is fitted on its own (FootprintCalibration).
 PREFILL_CHUNK = 128  # the memory protocol's prefill chunk (ort_runner.MEMORY_CHUNK)
 MEMORY_FEATURES = ("base", "linear_codes_mib", "table_codes_mib", "blocks_m", "offset_blocks_m",
                    "table_offsets_mib", "kv_mib")
@@ -250,4 +250,5 @@ def footprint(info: ModelInfo, s: Structure, context: int, calibration=None) -> 
     if calibration is None:
         return Footprint(size / 1e6, kv / 1024)
     features = runtime_features(info, s, context)
-    return Footprint(size / 1e6, kv / 1024, calibration.memory_mb(features), calibration.decode_ms(features))
+    return Footprint(size / 1e6, kv / 1024, calibration.memory_mb(features, s.kv_dtype),
+                     calibration.decode_ms(features, s.kv_dtype))
