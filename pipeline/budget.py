@@ -152,7 +152,7 @@ def _group_quantizer(recipe: Recipe, loaded, windows: np.ndarray):
 
     def quantize(group, parts, params, fmt):
         algorithm = (s.table_algorithm or s.algorithm) if group in (TABLE, "lm_head") else s.algorithm
-        return format_quantizer({group: fmt}, algorithm, s.grid, gguf, hessians)(group, parts, params)
+        return format_quantizer({group: fmt}, algorithm, gguf, hessians)(group, parts, params)
     return quantize
 
 
@@ -182,14 +182,14 @@ def _sensitivities(recipe: Recipe, loaded, ev, space: Space, windows: np.ndarray
 
     s = recipe.budget.search
     n = s.sensitivity_windows
-    key = {"model": loaded.source_sha256, "windows": sha256_json(windows[:n].tolist()), "grid": s.grid,
+    key = {"model": loaded.source_sha256, "windows": sha256_json(windows[:n].tolist()), "grid": s.grids,
            "algorithm": s.algorithms, "levels": {g: [f.name for f in v] for g, v in space.levels.items()},
            "kv": list(space.kv), "drops": [space.drop_attention, space.drop_mlp], "libraries": library_versions()}
     folder = home() / "sensitivities" / sha256_json(key)[:24]
     if (folder / Sensitivities.filename).is_file():
         return Sensitivities.read(folder)
     moments = input_second_moments(loaded.model, windows[:n])
-    sens = measure(ev, space, n, moments, s.grid, loaded.description, console.progress)
+    sens = measure(ev, space, n, moments, loaded.description, console.progress)
     with staged_folder(folder) as tmp:
         sens.write(tmp)
     return sens
@@ -203,8 +203,7 @@ def uniform_baselines(space: Space, scores: Scores, drops: list[int]) -> list[tu
     from .model.plan import plan_drop
 
     info, out = space.info, []
-    grid = next((f for levels in space.levels.values() for f in levels if not f.source), quant_format(4, 32, "symmetric"))
-    grid_name = "offset" if grid.offsets else "asymmetric" if grid.zero_points else "symmetric"
+    grid = next((f.grid for levels in space.levels.values() for f in levels if not f.source), "symmetric")
     for n in (d for d in drops if d < info.num_layers):
         plan = plan_drop(scores, attention=n)
         attention = tuple(i not in plan.attention for i in range(info.num_layers))
@@ -214,7 +213,7 @@ def uniform_baselines(space: Space, scores: Scores, drops: list[int]) -> list[tu
             for g in kept:
                 bits = table if g in (TABLE, "lm_head") else body
                 source = next((f for f in space.levels.get(g, ()) if f.source and f.bits == bits), None)
-                formats[g] = source if label == "4-bit" and source else quant_format(bits, 32, grid_name)
+                formats[g] = source if label == "4-bit" and source else quant_format(bits, 32, grid)
             out.append((f"uniform {label}, {n} attention dropped", Structure(attention, (True,) * info.num_layers,
                                                                               formats)))
     return out

@@ -69,7 +69,7 @@ def choice(recipe: Recipe, name: str, limits, space: Space, c: Candidate, kl: fl
         name=name, limits=limits.limits(), binding=tuple(space.binding(c, limits.limits())),
         attention_dropped=plan.attention, mlp_dropped=plan.mlp,
         formats={g: f.name for g, f in st.formats.items()}, kv_cache=space.kv[c.kv], algorithm=s.algorithms,
-        grid=s.grid, context=recipe.budget.context, target=recipe.budget.target, kl=kl,
+        grid=", ".join(s.grids), context=recipe.budget.context, target=recipe.budget.target, kl=kl,
         predicted={"file_mb": fp.file_mb, "memory_mb": fp.memory_mb, "decode_ms": fp.decode_ms,
                    "kv_kb_per_token": fp.kv_kb_per_token},
         measured={"file_mb": file_mb(path), **measured})

@@ -43,7 +43,7 @@ def test_predicted_file_size_is_within_one_percent_of_the_written_file(arch, tie
         s = _random_structure(rng, info, grid)
         pruned = drop_sublayers(model, [i for i, k in enumerate(s.attention) if not k],
                                 [i for i, k in enumerate(s.mlp) if not k])
-        path = export_fused(pruned, tmp_path / str(trial), format_quantizer(s.formats, "rtn", grid),
+        path = export_fused(pruned, tmp_path / str(trial), format_quantizer(s.formats, "rtn"),
                             kv_dtype=s.kv_dtype).path
         predicted, written = costs.file_bytes(info, s), path.stat().st_size
         assert abs(predicted / written - 1) < 0.01, (grid, s, predicted, written)

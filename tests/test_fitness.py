@@ -20,9 +20,9 @@ from pipeline.model.prune import drop_sublayers
 WINDOWS = np.random.default_rng(0).integers(3, 256, (4, 24))
 
 
-def _evaluator(model, grid="symmetric"):
+def _evaluator(model):
     def quantize(group, parts, params, fmt):
-        return format_quantizer({group: fmt}, "rtn", grid)(group, parts, params)
+        return format_quantizer({group: fmt}, "rtn")(group, parts, params)
     return Evaluator(model, WINDOWS, quantize)
 
 
@@ -43,7 +43,7 @@ def _logits(model, ids):
 def test_fake_quantised_logits_match_the_quantised_onnx_file(arch, grid, tmp_path):
     """accuracy_level 1 dequantises in the kernel: the search's PyTorch model and the file run the same weights."""
     model = tiny_model(arch)
-    ev = _evaluator(model, grid)
+    ev = _evaluator(model)
     s = _structure(np.random.default_rng(1), grid)
     ev.apply(s)
     pruned = drop_sublayers(model, [1], [2])

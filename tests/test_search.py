@@ -49,6 +49,18 @@ def test_levels_run_from_largest_to_smallest_and_include_reusable_source_blocks(
     assert sizes == sorted(sizes, reverse=True)  # every format step compresses
 
 
+def test_several_grids_give_each_group_every_grids_formats_with_distinct_names():
+    """form: [offset, symmetric] lets a group take Q4_1-like blocks (offset only where the block divides the input
+    width) or symmetric ones; names tell the grids apart; hqq keeps to its offset grid."""
+    levels = _space(source=False, form=["offset", "symmetric"], bits=[4], block_sizes=[32, 256]).levels["layers.2.qkv"]
+    assert [f.name for f in levels] == ["q4b256", "q4b32-min", "q4b32"]  # k = 128: no offset blocks of 256
+    assert {f.grid for f in levels} == {"offset", "symmetric"}
+    hqq = _space(source=False, form=["offset", "symmetric"], algorithm="hqq", bits=[4], block_sizes=[32])
+    assert [f.name for f in hqq.levels["layers.2.qkv"]] == ["q4b32-min"]
+    with pytest.raises(Exception, match="form"):
+        parse_recipe({"name": "t", "budget": {"context": 128, "search": {"form": []}}})
+
+
 def test_mutation_always_fits_and_keeps_an_attention_sublayer():
     space = _space()
     limits = {"max_file_mb": space.footprint(space.most_accurate()).file_mb * 0.6}

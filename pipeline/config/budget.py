@@ -8,12 +8,14 @@ packaged and validated like any recipe's. Omitted limits do not constrain.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from .base import NAME_PATTERN, Block, Override
 from .quantize import BlockSize
+
+Form = Literal["symmetric", "asymmetric", "offset"]
 
 
 class SelectionStep(Block):
@@ -43,8 +45,9 @@ class SearchSpec(Block):
         None, description="Quantiser of the embedding / logits table when it is not kept in the source's blocks "
         "(default: `algorithm`). gptq fits a tied table to the logits it feeds (its Hessian is the final hidden "
         "state's), which held-out text rewards more than it rewards the other groups (docs/results.md).")
-    form: Literal["symmetric", "asymmetric", "offset"] = Field(
-        "symmetric", description="Block grid of that quantiser; hqq (for either) always uses offset.")
+    form: Form | Annotated[list[Form], Field(min_length=1)] = Field(
+        "symmetric", description="Block grid of that quantiser, or several for the search to choose from per group "
+        "(offset blocks cost two more bytes each but fit better); hqq (for either) always uses offset.")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type of the written file.")
     kv_precisions: list[Literal["fp32", "fp16"]] = Field(
         ["fp32", "fp16"], min_length=1, description="KV cache precisions to choose from (fp16 halves KV memory; "
@@ -70,8 +73,10 @@ class SearchSpec(Block):
                                       "(score-ranked drop, uniform int8 / 4-bit) in the Pareto report.")
 
     @property
-    def grid(self) -> str:
-        return "offset" if "hqq" in (self.algorithm, self.table_algorithm) else self.form
+    def grids(self) -> tuple[str, ...]:
+        if "hqq" in (self.algorithm, self.table_algorithm):
+            return ("offset",)
+        return tuple(dict.fromkeys([self.form] if isinstance(self.form, str) else self.form))
 
     @property
     def algorithms(self) -> str:

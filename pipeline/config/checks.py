@@ -198,7 +198,7 @@ def _budget_model_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
                         f"max_position_embeddings {info.max_position_embeddings}; use at most "
                         f"{info.max_position_embeddings - MEMORY_DECODE_STEPS}")
     widths = info.linear_input_widths
-    if b.search.grid == "offset" and not any(all(w % s == 0 for w in widths) for s in b.search.block_sizes):
+    if b.search.grids == ("offset",) and not any(all(w % s == 0 for w in widths) for s in b.search.block_sizes):
         problems.append(f"budget.search.block_sizes: the offset grid needs a block size that divides every input "
                         f"width {list(widths)}; add one, such as {math.gcd(*widths) if math.gcd(*widths) >= 16 else 32}")
     return problems

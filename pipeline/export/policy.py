@@ -65,7 +65,7 @@ def run_algorithm(algorithm: str, grid: str, name: str, weight: np.ndarray, bits
     return w.rtn(weight, bits, block_size, grid)
 
 
-def format_quantizer(formats: dict, algorithm: str = "rtn", grid: str = "symmetric", gguf: GgufBlocks | None = None,
+def format_quantizer(formats: dict, algorithm: str = "rtn", gguf: GgufBlocks | None = None,
                      hessians: dict[str, np.ndarray] | None = None):
     """The quantizer of a searched structure: group -> `pipeline.model.structure.Format` (absent or None: fp32).
     A source format reuses the GGUF's blocks, and fails loudly when they cannot be (the cost model and the
@@ -80,5 +80,5 @@ def format_quantizer(formats: dict, algorithm: str = "rtn", grid: str = "symmetr
                 raise ValueError(f"{name}: the source GGUF's blocks cannot be reused (no GGUF, or the weights "
                                  "changed since it was read)")
             return reused
-        return run_algorithm(algorithm, grid, name, np.concatenate(parts), fmt.bits, fmt.block_size, hessians)
+        return run_algorithm(algorithm, fmt.grid, name, np.concatenate(parts), fmt.bits, fmt.block_size, hessians)
     return quantize

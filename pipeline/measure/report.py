@@ -171,7 +171,7 @@ def budget_section(b: BudgetChoice | None) -> list[str]:
              f"{', '.join(b.binding) or 'none'}. Chosen by the search (KL {b.kl:.4f} from the original on "
              f"calibration text): attention dropped {list(b.attention_dropped) or 'none'}, MLP dropped "
              f"{list(b.mlp_dropped) or 'none'}; formats {', '.join(f'{n} x {k}' for k, n in sorted(formats.items()))} "
-             f"({b.algorithm}, {b.grid} grid where not the source's blocks); KV cache {b.kv_cache}. Per-group "
+             f"({b.algorithm}; grid {b.grid} where not the source's blocks); KV cache {b.kv_cache}. Per-group "
              "formats: budget.json.", "",
              f"| at {b.context} tokens on {b.target} | predicted | measured | error |", "|---|---:|---:|---:|"]
     for label, key, fmt in (("file MB", "file_mb", "{:.2f}"), ("peak memory MB", "memory_mb", "{:.0f}"),

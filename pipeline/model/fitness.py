@@ -163,7 +163,7 @@ def input_second_moments(model, windows: np.ndarray, batch_size: int = 2) -> dic
     return {name: (s / count[0]).numpy() for name, s in sums.items()}
 
 
-def proxy_error(weight: np.ndarray, moments: np.ndarray, fmt: Format, grid: str) -> float:
+def proxy_error(weight: np.ndarray, moments: np.ndarray, fmt: Format) -> float:
     """Expected squared output error per token of rounding `weight` [N, K] to `fmt`'s grid: per block, the
     uniform rounding noise step^2 / 12 times the summed input second moments of the block (0 for the source's own
     blocks, which are the weights exactly)."""
@@ -173,8 +173,8 @@ def proxy_error(weight: np.ndarray, moments: np.ndarray, fmt: Format, grid: str)
     pad = -k % fmt.block_size
     w = np.pad(weight.astype(np.float64), ((0, 0), (0, pad))).reshape(n, -1, fmt.block_size)
     m = np.pad(moments.astype(np.float64), (0, pad)).reshape(-1, fmt.block_size).sum(-1)
-    if grid == "symmetric":
+    if fmt.grid == "symmetric":
         step = np.abs(w).max(-1) / 2 ** (fmt.bits - 1)
     else:
-        step = (w.max(-1) - np.minimum(w.min(-1), 0 if grid == "asymmetric" else w.min(-1))) / (2 ** fmt.bits - 1)
+        step = (w.max(-1) - np.minimum(w.min(-1), 0 if fmt.grid == "asymmetric" else w.min(-1))) / (2 ** fmt.bits - 1)
     return float((step ** 2 / 12 * m).sum())

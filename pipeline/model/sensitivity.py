@@ -16,7 +16,7 @@ from .fitness import Evaluator, proxy_error
 from .space import Candidate, Space
 
 
-def measure(ev: Evaluator, space: Space, windows: int, moments: dict, grid: str, name: str,
+def measure(ev: Evaluator, space: Space, windows: int, moments: dict, name: str,
             progress=None) -> Sensitivities:
     """KL of every single change, on the first `windows` calibration windows, each from the unquantised model."""
     start, n = time.perf_counter(), space.info.num_layers
@@ -36,7 +36,7 @@ def measure(ev: Evaluator, space: Space, windows: int, moments: dict, grid: str,
     found = {"attention": {}, "mlp": {}, "layers": {}, "table": {}, "kv": {}}
     for kind, index, structure in (progress(jobs, desc="sensitivities") if progress else jobs):
         found[kind][index] = max(ev.kl(structure, windows), 0.0)
-    proxies = {g: {f.name: proxy_error(_weight(ev, g), moments[g], f, grid) for f in space.levels[g]}
+    proxies = {g: {f.name: proxy_error(_weight(ev, g), moments[g], f) for f in space.levels[g]}
                for g in space.genes if g.startswith("layers.")}
     return Sensitivities(
         model=name, windows=windows, tokens=int(ev.windows[:windows].size),

@@ -33,11 +33,12 @@ class Candidate:
 Move = tuple[str, int, int]  # (what: attention, mlp, format or kv; index; +1 compresses, -1 relaxes)
 
 
-def format_levels(info: ModelInfo, group: str, bits, block_sizes, grid: str, source: Format | None) -> tuple:
-    """A group's formats, largest file bytes first: every (bits, block size) of the quantiser's grid (offset grids
-    only where the block size divides the input width) and the source's own blocks when reusable."""
+def format_levels(info: ModelInfo, group: str, bits, block_sizes, grids, source: Format | None) -> tuple:
+    """A group's formats, largest file bytes first: every (bits, block size, grid) of the quantiser's grids (offset
+    grids only where the block size divides the input width) and the source's own blocks when reusable."""
     n, k = group_shape(info, group)
-    formats = [quant_format(b, s, grid) for b in bits for s in block_sizes if grid != "offset" or k % s == 0]
+    formats = [quant_format(b, s, grid) for grid in grids for b in bits for s in block_sizes
+               if grid != "offset" or k % s == 0]
     formats += [source] if source is not None else []
 
     def size(f: Format):
@@ -219,7 +220,7 @@ def build_space(info: ModelInfo, search, source: dict[str, Format | None], conte
     levels = {}
     for g in all_groups(info):
         bits = search.table_bits if g in (TABLE, "lm_head") else search.bits
-        levels[g] = format_levels(info, g, bits, search.block_sizes, search.grid,
+        levels[g] = format_levels(info, g, bits, search.block_sizes, search.grids,
                                   source.get(g) if search.source_blocks else None)
     kv = tuple(sorted(search.kv_precisions, key=("fp32", "fp16").index))
     return Space(info, levels, kv, search.drop_attention, search.drop_mlp, context, calibration)

@@ -29,8 +29,14 @@ class Format:
     source: bool = False
 
     @property
+    def grid(self) -> str:
+        return "offset" if self.offsets else "asymmetric" if self.zero_points else "symmetric"
+
+    @property
     def name(self) -> str:
-        return "source" if self.source else f"q{self.bits}b{self.block_size}"
+        """q4b32 (symmetric), q4b32-zp (integer zero point) or q4b32-min (Q4_1's per-block minimum); source."""
+        suffix = {"symmetric": "", "asymmetric": "-zp", "offset": "-min"}[self.grid]
+        return "source" if self.source else f"q{self.bits}b{self.block_size}{suffix}"
 
     def blocks(self, k: int) -> int:
         return ceil(k / self.block_size)
