@@ -59,6 +59,13 @@ def test_several_grids_give_each_group_every_grids_formats_with_distinct_names()
     assert [f.name for f in hqq.levels["layers.2.qkv"]] == ["q4b32-min"]
     with pytest.raises(Exception, match="form"):
         parse_recipe({"name": "t", "budget": {"context": 128, "search": {"form": []}}})
+    from pipeline.config.checks import budget_recipe_problems
+
+    def problems(form):
+        return budget_recipe_problems(parse_recipe(
+            {"name": "t", "budget": {"context": 128, "search": {"algorithm": "hqq", "form": form}}}))
+    assert problems(["offset"]) == [] and problems("offset") == []
+    assert any("set form: offset" in p for p in problems(["offset", "symmetric"]))
 
 
 def test_mutation_always_fits_and_keeps_an_attention_sublayer():

@@ -73,10 +73,14 @@ class SearchSpec(Block):
                                       "(score-ranked drop, uniform int8 / 4-bit) in the Pareto report.")
 
     @property
-    def grids(self) -> tuple[str, ...]:
-        if "hqq" in (self.algorithm, self.table_algorithm):
-            return ("offset",)
+    def forms(self) -> tuple[str, ...]:
+        """The grids `form` lists, each once."""
         return tuple(dict.fromkeys([self.form] if isinstance(self.form, str) else self.form))
+
+    @property
+    def grids(self) -> tuple[str, ...]:
+        """The grids searched: offset alone with hqq, else the listed ones."""
+        return ("offset",) if "hqq" in (self.algorithm, self.table_algorithm) else self.forms
 
     @property
     def algorithms(self) -> str:

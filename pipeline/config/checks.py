@@ -90,7 +90,7 @@ def budget_recipe_problems(recipe: Recipe) -> list[str]:
     if s.heldout_windows > recipe.validate_.perplexity_windows:
         problems.append(f"budget.search.heldout_windows: {s.heldout_windows} is more than "
                         f"validate.perplexity_windows ({recipe.validate_.perplexity_windows}); lower it")
-    if "hqq" in (s.algorithm, s.table_algorithm) and s.form != "offset" and "form" in s.model_fields_set:
+    if "hqq" in (s.algorithm, s.table_algorithm) and s.forms != ("offset",) and "form" in s.model_fields_set:
         problems.append("budget.search.form: algorithm hqq fits an offset per block; set form: offset or leave it out")
     return problems
 
