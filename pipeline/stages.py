@@ -501,12 +501,12 @@ def _rung(recipe: Recipe, loaded, found, name: str, limits, folder: Path, data, 
     from .model.calibration import fake_quantized
 
     c = found.chosen[name]
-    console.skipped(STAGES.index("heal") + 1, len(STAGES), "heal", "budgeted models are not healed")
     with stage("drop", timings):
         planned = drop_plan(found.space, c)
         pruned = drop(loaded.model, planned, loaded.tokenizer, folder / "hf")
         _copy_terms(loaded, folder / "hf")
         planned.write(folder)
+    console.skipped(STAGES.index("heal") + 1, len(STAGES), "heal", "budgeted models are not healed")
     with stage("export", timings):
         original_onnx = baseline_onnx(loaded, recipe.export)
     with stage("quantize", timings):
