@@ -134,6 +134,24 @@ def test_evolution_is_reproducible_with_a_seed_and_never_worse_than_its_start():
     assert sum(1 for v in log.scores.values() if 4 in v) < sum(1 for v in log.scores.values() if 1 in v)
 
 
+def test_evolution_stops_once_the_parent_is_good_enough():
+    """A rung whose start is already the original model (KL 0, e.g. every group in the source's blocks) is not
+    searched for its whole time; without `enough` the loop runs every generation."""
+    space = _space()
+    limits = {"max_file_mb": space.footprint(space.most_accurate()).file_mb}
+    start = space.most_accurate()
+
+    def fitness(cands, windows):
+        return [0.0 if space.key(c) == space.key(start) else 1.0 for c in cands]
+
+    def run(enough):
+        return evolve(start, lambda c, r: space.mutate(c, r, limits), fitness, space.key, [(1, 1)], 5, 2,
+                      np.random.default_rng(0), enough=enough)
+    best, log = run(1e-5)
+    assert space.key(best) == space.key(start) and log.generations == 0 and len(log.scores) == 1
+    assert run(None)[1].generations == 5
+
+
 def test_evolution_finds_the_optimum_of_a_small_space():
     """Two layers, formats only (two levels per group), one limit: brute force over all 2^8 knows the answer."""
     import dataclasses

@@ -38,11 +38,12 @@ class SearchLog:
 
 def evolve(parent, mutate: Callable, fitness: Callable, key: Callable, steps: list[tuple[int, int]],
            generations: int, offspring: int, rng: np.random.Generator, max_seconds: float | None = None,
-           log: SearchLog | None = None, progress=None):
+           log: SearchLog | None = None, progress=None, enough: float | None = None):
     """(best candidate, log). `mutate(candidate, rng)` returns a child; `fitness(candidates, windows)` returns
     their fitness on the first `windows` calibration windows; `key(candidate)` says which candidates are the
     same model; `steps` are (windows, keep) pairs, the last keeping 1. A shared `log` carries scores over
-    from earlier searches (a ladder's rungs)."""
+    from earlier searches (a ladder's rungs). The search stops early once the parent's fitness is at most
+    `enough` (a KL that small is the original model for every measurable purpose)."""
     log = log or SearchLog()
     start = time.perf_counter()
 
@@ -52,6 +53,8 @@ def evolve(parent, mutate: Callable, fitness: Callable, key: Callable, steps: li
     last = steps[-1][0]
     parent_fit = scored([parent], last)[0]
     for generation in range(generations):
+        if enough is not None and parent_fit <= enough:
+            break
         children = _distinct_children(parent, mutate, key, offspring, rng)
         for windows, keep in steps:
             if not children:
