@@ -178,16 +178,19 @@ def _reusable(space: Space, ev) -> Space:
 
 
 def _sensitivities(recipe: Recipe, loaded, ev, space: Space, windows: np.ndarray) -> Sensitivities:
-    """Measured once per model, calibration windows and space; kept under home()/sensitivities."""
+    """Measured once per model, calibration windows, space and quantiser code; kept under
+    home()/sensitivities."""
     from .config.paths import home
+    from .export import weights
     from .model.fitness import input_second_moments
     from .model.sensitivity import measure
-    from .rundir import library_versions, sha256_json, staged_folder
+    from .rundir import library_versions, sha256_file, sha256_json, staged_folder
 
     s = recipe.budget.search
     n = s.sensitivity_windows
     key = {"model": loaded.source_sha256, "windows": sha256_json(windows[:n].tolist()), "grid": s.grids,
-           "algorithm": s.algorithms, "levels": {g: [f.name for f in v] for g, v in space.levels.items()},
+           "algorithm": s.algorithms, "quantiser": sha256_file(Path(weights.__file__)),
+           "levels": {g: [f.name for f in v] for g, v in space.levels.items()},
            "kv": list(space.kv), "drops": [space.drop_attention, space.drop_mlp], "libraries": library_versions()}
     folder = home() / "sensitivities" / sha256_json(key)[:24]
     if (folder / Sensitivities.filename).is_file():

@@ -1,6 +1,7 @@
 """The quantisers against what each promises: GPTQ lowers the output error round-to-nearest leaves on the
-calibration inputs it was given, hqq lowers the weight error, and a tied table's Hessian is the input of the
-logits projection (the final hidden states), so GPTQ can fit the table for the output it feeds."""
+calibration inputs it was given, its searched grid clips outliers where that lowers the weighted error, hqq
+lowers the weight error, and a tied table's Hessian is the input of the logits projection (the final hidden
+states), so GPTQ can fit the table for the output it feeds."""
 
 from __future__ import annotations
 
@@ -30,6 +31,29 @@ def test_gptq_output_error_is_below_round_to_nearest_on_its_calibration_inputs(f
     gptq = w.gptq(WEIGHT, INPUTS.T @ INPUTS, bits, 16, form)
     assert gptq.codes.max() < 2 ** bits
     assert _output_error(gptq) < 0.8 * _output_error(rtn)
+
+
+@pytest.mark.parametrize("form", ["symmetric", "asymmetric", "offset"])
+def test_the_searched_grid_clips_the_tails_of_wide_blocks_when_that_lowers_the_error(form):
+    x = RNG.standard_normal((16, 4, 128))  # the largest of 128 normal values sits near 2.6 sigma: its step is coarse
+    plain, searched = w._grid(x, 4, form), w._searched_grid(x, 4, form, np.ones(128))
+
+    def block_error(grid):
+        return ((x - w._rounded(x, grid, 4)) ** 2).sum(-1)
+    assert np.all(block_error(searched) <= block_error(plain) + 1e-12)  # shrink 1 (the plain grid) is a candidate
+    assert block_error(searched).sum() < 0.95 * block_error(plain).sum()
+    assert np.mean(np.abs(searched[0]) < np.abs(plain[0])) > 0.5  # most blocks took a finer step
+
+
+def test_the_searched_grid_keeps_an_important_inputs_outlier():
+    x = RNG.standard_normal((8, 1, 128))
+    x[:, 0, 5] = 12.0
+    flat, heavy = np.ones(128), np.where(np.arange(128) == 5, 1e4, 1.0)
+
+    def outlier_error(importance):
+        grid = w._searched_grid(x, 4, "symmetric", importance)
+        return np.abs(x - w._rounded(x, grid, 4))[:, 0, 5].max()
+    assert outlier_error(heavy) < 0.1 < outlier_error(flat)  # clipped when it counts as one of 128, not at 1e4
 
 
 def test_hqq_weight_error_is_at_most_its_min_max_start_in_every_block():

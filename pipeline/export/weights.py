@@ -128,26 +128,61 @@ def rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, form: Form = "symmet
     return _encode(x, scale, zero, offset, bits, block_size, w.shape[1])
 
 
-def _grid(x: np.ndarray, bits: int, form: Form):
-    """(scale, zero point or None, offset or None) per block of `x` [N, blocks, block], fp16-exact."""
+def _grid(x: np.ndarray, bits: int, form: Form, shrink: float = 1.0):
+    """(scale, zero point or None, offset or None) per block of `x` [N, blocks, block], fp16-exact. `shrink` < 1
+    narrows the range to that fraction (about its middle for the offset form): values outside it clip."""
     top = 2 ** bits - 1
     if form == "symmetric":
         extreme = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
-        return _fp16(extreme / -(2 ** (bits - 1))), None, None
+        return _fp16(shrink * extreme / -(2 ** (bits - 1))), None, None
     if form == "asymmetric":  # the zero point must be a code, so the range includes 0
-        low, high = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
+        low, high = shrink * np.minimum(x.min(-1), 0), shrink * np.maximum(x.max(-1), 0)
         scale = _fp16((high - low) / top)
         return scale, np.clip(np.rint(-low / np.where(scale == 0, 1, scale)), 0, top), None
-    low = x.min(-1)
-    return _fp16((x.max(-1) - low) / top), np.zeros(low.shape), _fp16(low)
+    low, high = x.min(-1), x.max(-1)
+    middle = (low + high) / 2
+    low, high = middle + shrink * (low - middle), middle + shrink * (high - middle)
+    return _fp16((high - low) / top), np.zeros(low.shape), _fp16(low)
+
+
+SHRINKS = np.linspace(1.0, 0.55, 10)  # 5 % steps (2.5 % ones bought under 1 % of output error, at 1.4x the time)
+
+
+def _searched_grid(x: np.ndarray, bits: int, form: Form, importance: np.ndarray):
+    """The grid per block, among round to nearest's range shrunk by each of SHRINKS, with the least squared
+    rounding error weighted by `importance` (per input, broadcast along x's last axis): clipping a block's
+    outliers buys finer steps for the rest, and in blocks of 64 or 128 that usually pays."""
+    best, best_error = None, None
+    for shrink in SHRINKS:
+        grid = _grid(x, bits, form, shrink)
+        error = (importance * (x - _rounded(x, grid, bits)) ** 2).sum(-1)
+        if best is None:
+            best, best_error = grid, error
+            continue
+        better = error < best_error
+        best = tuple(None if b is None else np.where(better, g, b) for b, g in zip(best, grid))
+        best_error = np.minimum(error, best_error)
+    return best
+
+
+def _rounded(x: np.ndarray, grid, bits: int) -> np.ndarray:
+    """x rounded to the nearest level of its blocks' grid, as the graph will compute it."""
+    scale, zero, offset = grid
+    zeros = np.full(scale.shape, 2 ** (bits - 1)) if zero is None else zero
+    shift = 0 if offset is None else offset[..., None]
+    return scale[..., None] * (_nearest(x, scale, zeros, offset, bits) - zeros[..., None]) + shift
+
+
+def _nearest(x, scale, zeros, offset, bits) -> np.ndarray:
+    shifted = x - (0 if offset is None else offset[..., None])
+    return _codes(np.divide(shifted, scale[..., None], out=np.zeros_like(shifted), where=scale[..., None] != 0)
+                  + zeros[..., None], bits)
 
 
 def _encode(x, scale, zero, offset, bits, block_size, k) -> BlockQuant:
     """Codes of `x` on the given per-block grid, nearest level."""
     zeros = np.full(scale.shape, 2 ** (bits - 1)) if zero is None else zero
-    shifted = x - (0 if offset is None else offset[..., None])
-    codes = _codes(np.divide(shifted, scale[..., None], out=np.zeros_like(shifted), where=scale[..., None] != 0)
-                   + zeros[..., None], bits)
+    codes = _nearest(x, scale, zeros, offset, bits)
     return _pack(codes, scale, None if zero is None else zero.astype(np.uint8), offset, bits, block_size, k)
 
 
@@ -203,9 +238,10 @@ def _better_per_block(w: np.ndarray, a: BlockQuant, b: BlockQuant) -> BlockQuant
 
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32, form: Form = "symmetric",
          damp: float = 0.01) -> BlockQuant:
-    """GPTQ (Frantar et al., 2022): quantise the input columns in order, each block's grid set by round to
-    nearest on the (already error-corrected) block when it starts, and push each column's rounding error onto the
-    columns not yet quantised through the inverse of the calibration Hessian H = X^T X (this linear's inputs)."""
+    """GPTQ (Frantar et al., 2022): quantise the input columns in order and push each column's rounding error
+    onto the columns not yet quantised through the inverse of the calibration Hessian H = X^T X (this linear's
+    inputs). Each block's grid is chosen when the block starts, on its already corrected weights, by
+    `_searched_grid` weighted by the Hessian's diagonal (each input's mean square)."""
     w = _blocks(w, block_size).reshape(w.shape[0], -1)
     n, k = w.shape
     h = np.zeros((k, k))
@@ -219,7 +255,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32
     for start in range(0, k, block_size):  # lazy batches: the errors of a block reach later columns in one matmul
         stop = start + block_size
         block, errors = w[:, start:stop].copy(), np.zeros((n, block_size))
-        scale, zero, offset = _grid(block[:, None, :], bits, form)
+        scale, zero, offset = _searched_grid(block[:, None, :], bits, form, np.diag(h)[start:stop])
         grids.append((scale, zero, offset))
         zeros = np.full(scale.shape, 2 ** (bits - 1)) if zero is None else zero
         shift = 0 if offset is None else offset[:, 0]
