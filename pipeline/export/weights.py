@@ -145,24 +145,34 @@ def _grid(x: np.ndarray, bits: int, form: Form, shrink: float = 1.0):
     return _fp16((high - low) / top), np.zeros(low.shape), _fp16(low)
 
 
-SHRINKS = np.linspace(1.0, 0.55, 10)  # 5 % steps (2.5 % ones bought under 1 % of output error, at 1.4x the time)
+COARSE, FINE = (1.0, 0.85, 0.7, 0.55), 0.05  # the 5 % grid from 1 to 0.55 in six tries per block instead of ten
 
 
 def _searched_grid(x: np.ndarray, bits: int, form: Form, importance: np.ndarray):
-    """The grid per block, among round to nearest's range shrunk by each of SHRINKS, with the least squared
-    rounding error weighted by `importance` (per input, broadcast along x's last axis): clipping a block's
-    outliers buys finer steps for the rest, and in blocks of 64 or 128 that usually pays."""
-    best, best_error = None, None
-    for shrink in SHRINKS:
+    """The grid per block, among round to nearest's range shrunk to 55-100 % of itself (coarse steps, then
+    5 % either side of each block's best), with the least squared rounding error weighted by `importance` (per
+    input, broadcast along x's last axis): clipping a block's outliers buys finer steps for the rest, and in
+    blocks of 64 or 128 that usually pays. At 8 bits the steps are fine already: the plain grid."""
+    if bits >= 8:
+        return _grid(x, bits, form)
+    best = None
+
+    def consider(shrink: np.ndarray) -> None:
+        nonlocal best
         grid = _grid(x, bits, form, shrink)
         error = (importance * (x - _rounded(x, grid, bits)) ** 2).sum(-1)
         if best is None:
-            best, best_error = grid, error
-            continue
-        better = error < best_error
-        best = tuple(None if b is None else np.where(better, g, b) for b, g in zip(best, grid))
-        best_error = np.minimum(error, best_error)
-    return best
+            best = grid, error, shrink
+            return
+        better = error < best[1]
+        best = (tuple(None if b is None else np.where(better, g, b) for b, g in zip(best[0], grid)),
+                np.minimum(error, best[1]), np.where(better, shrink, best[2]))
+    for shrink in COARSE:
+        consider(np.full(x.shape[:-1], shrink))
+    centre = best[2]
+    for step in (-FINE, FINE):
+        consider(np.clip(centre + step, COARSE[-1], COARSE[0]))
+    return best[0]
 
 
 def _rounded(x: np.ndarray, grid, bits: int) -> np.ndarray:
