@@ -10,6 +10,7 @@ and scores the uniform baselines and the frontier on held-out text for the Paret
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
     space = budget_space(recipe, info, loaded.gguf, calibration_for(recipe, info, always=True))
     steps = [(step.windows, step.keep) for step in s.selection]
     needed = max(s.sensitivity_windows, steps[-1][0])
-    ev = Evaluator(loaded.model, windows[:needed], _group_quantizer(recipe, loaded, windows))
+    ev = Evaluator(loaded.model, windows[:needed], _group_quantizer(recipe, loaded, windows),
+                   int8_inputs=s.accuracy_level == 4)  # score what the file computes
     space = _reusable(space, ev)
     sens = _sensitivities(recipe, loaded, ev, space, windows)
     error, rng, log, chosen = additive_error(space, sens), np.random.default_rng(s.seed), SearchLog(), {}
@@ -119,9 +121,11 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
     uniform = [c for _, st in uniform_baselines(space, scores, s.baseline_drops) if (c := space.candidate(st))]
     for name, limits in recipe.budget.rungs():
         lim = limits.limits()
+        started, generations = time.perf_counter(), log.generations
         starts = search_starts(space, lim, error, uniform)
         values = log.score(starts, steps[-1][0], fitness, space.key)
         seed = starts[int(np.argmin(values))]  # never start below a uniform choice that fits
+        scored = time.perf_counter()
         bar = console.progress(total=s.generations, desc=f"search {name}") if progress else None
         best, log = evolve(seed, lambda c, r: space.mutate(c, r, lim), fitness, space.key, steps, s.generations,
                            s.offspring, rng, s.max_seconds, log, (lambda g, f: bar.update()) if bar else None,
@@ -130,7 +134,9 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
             bar.close()
         chosen[name] = best
         console.say(f"budget {name}: KL {log.scores[space.key(best)][steps[-1][0]]:.4f} (start "
-                    f"{log.scores[space.key(seed)][steps[-1][0]]:.4f}); {space.describe(best)}")
+                    f"{log.scores[space.key(seed)][steps[-1][0]]:.4f}; {len(starts)} starts scored in "
+                    f"{scored - started:.0f} s, {log.generations - generations} generations in "
+                    f"{time.perf_counter() - scored:.0f} s); {space.describe(best)}")
     kl = {name: log.scores[space.key(c)][steps[-1][0]] for name, c in chosen.items()}
     pareto = _pareto(recipe, space, ev, log, chosen, scores, heldout, steps[0][0], loaded.description)
     return SearchOutcome(space, chosen, kl, pareto, sens, ev)
@@ -178,24 +184,25 @@ def _reusable(space: Space, ev) -> Space:
 
 
 def _sensitivities(recipe: Recipe, loaded, ev, space: Space, windows: np.ndarray) -> Sensitivities:
-    """Measured once per model, calibration windows, space and quantiser code; kept under
-    home()/sensitivities."""
+    """Measured once per model, calibration windows, space and evaluator (its code, and whether inputs are
+    rounded to int8); kept under home()/sensitivities."""
     from .config.paths import home
     from .export import weights
-    from .model.fitness import input_second_moments
+    from .model import fitness, int8_inputs
     from .model.sensitivity import measure
     from .rundir import library_versions, sha256_file, sha256_json, staged_folder
 
     s = recipe.budget.search
     n = s.sensitivity_windows
     key = {"model": loaded.source_sha256, "windows": sha256_json(windows[:n].tolist()), "grid": s.grids,
-           "algorithm": s.algorithms, "quantiser": sha256_file(Path(weights.__file__)),
+           "algorithm": s.algorithms, "int8_inputs": ev.inputs is not None,
+           "code": [sha256_file(Path(m.__file__)) for m in (weights, fitness, int8_inputs)],
            "levels": {g: [f.name for f in v] for g, v in space.levels.items()},
            "kv": list(space.kv), "drops": [space.drop_attention, space.drop_mlp], "libraries": library_versions()}
     folder = home() / "sensitivities" / sha256_json(key)[:24]
     if (folder / Sensitivities.filename).is_file():
         return Sensitivities.read(folder)
-    moments = input_second_moments(loaded.model, windows[:n])
+    moments = fitness.input_second_moments(loaded.model, windows[:n])
     sens = measure(ev, space, n, moments, loaded.description, console.progress)
     with staged_folder(folder) as tmp:
         sens.write(tmp)

@@ -519,8 +519,10 @@ def _rung(recipe: Recipe, loaded, found, name: str, limits, folder: Path, data, 
         work.mkdir()
         spec = gates_with_floor(recipe.validate_, name, limits.max_perplexity_increase_pct)
         params = {"original": _params_m(loaded.model), "compressed": _params_m(pruned)}
-        # parity against the pruned model with the file's own weights: what is left is the export's error
-        with fake_quantized(pruned, structure_weights(found.space.structure(c), found.evaluator)):
+        # parity against the pruned model computing as the file does (its weights, int8 inputs at accuracy
+        # level 4): what is left is the export's error
+        with fake_quantized(pruned, structure_weights(found.space.structure(c), found.evaluator),
+                            int8_inputs=found.evaluator.inputs is not None):
             validation = validate(original_onnx, {name: path}, params, pruned, data, spec, work, original_onnx.parent)
         measured = measured_footprint(recipe, path, work)
         shutil.rmtree(work)

@@ -20,10 +20,10 @@ from pipeline.model.prune import drop_sublayers
 WINDOWS = np.random.default_rng(0).integers(3, 256, (4, 24))
 
 
-def _evaluator(model):
+def _evaluator(model, int8_inputs: bool = False):
     def quantize(group, parts, params, fmt):
         return format_quantizer({group: fmt}, "rtn")(group, parts, params)
-    return Evaluator(model, WINDOWS, quantize)
+    return Evaluator(model, WINDOWS, quantize, int8_inputs=int8_inputs)
 
 
 def _structure(rng: np.random.Generator, grid: str = "symmetric", kv: str = "fp32") -> structure.Structure:
@@ -143,3 +143,26 @@ def test_the_table_takes_the_table_algorithm_and_the_other_groups_the_algorithm(
         got = quantize(group, parts, [p for p, _ in members], fmt)
         np.testing.assert_array_equal(got.dequantize(), expected(np.concatenate(parts)).dequantize())
     assert recipe.budget.search.algorithms == "hqq (table gptq)"
+
+
+@pytest.mark.parametrize("grid", ["symmetric", "offset"])
+def test_int8_inputs_make_the_fake_quantised_logits_match_accuracy_level_4(grid, tmp_path):
+    """At accuracy level 4 MatMulNBits rounds its inputs to int8 per block (and adds an offset term from the
+    unrounded input); the evaluator asked to do the same computes the file's logits, where fp32 inputs do not.
+    One group at a time: with several, an input within float rounding of a half step somewhere may round the
+    other way in one of the two, and attention carries that to every later position."""
+    model = tiny_model("llama")
+    full = (True,) * model.config.num_hidden_layers
+    ids = WINDOWS[:2]
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    for i, (group, bits, block) in enumerate([("layers.0.qkv", 4, 32), ("layers.1.down", 8, 16), ("embedding", 4, 16)]):
+        s = structure.Structure(full, full, {group: structure.quant_format(bits, block, grid)})
+        exact, plain = _evaluator(model, int8_inputs=True), _evaluator(model)
+        exact.apply(s)
+        plain.apply(s)
+        path = export_fused(model, tmp_path / str(i), lambda name, parts, params: exact.quantized(name, s.formats[name])
+                            if name == group else None, accuracy_level=4).path
+        lm = OnnxLM(path)
+        onnx_logits, _ = lm.forward(ids, np.ones_like(ids), positions, lm.empty_past(2))
+        error = np.abs(onnx_logits - _logits(exact.model, ids)).max()
+        assert error < 1e-5 and error * 100 < np.abs(onnx_logits - _logits(plain.model, ids)).max(), group

@@ -48,7 +48,9 @@ class SearchSpec(Block):
     form: Form | Annotated[list[Form], Field(min_length=1)] = Field(
         "symmetric", description="Block grid of that quantiser, or several for the search to choose from per group "
         "(offset blocks cost two more bytes each but fit better); hqq (for either) always uses offset.")
-    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="MatMulNBits compute type of the written file.")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="MatMulNBits compute type of the written file. At 4 (int8 activations) the search scores "
+        "candidates with their inputs rounded to int8 per block, as the file computes.")
     kv_precisions: list[Literal["fp32", "fp16"]] = Field(
         ["fp32", "fp16"], min_length=1, description="KV cache precisions to choose from (fp16 halves KV memory; "
         "GroupQueryAttention then runs in fp16).")

@@ -35,7 +35,8 @@ class _BlockWiseSpec(Block):
     algorithm: Literal["rtn", "hqq", "gptq"] = Field(
         "rtn", description="For weights not taken from the source's blocks: rtn (round to nearest), hqq (scale and "
         "offset per block fitted by half-quadratic optimisation; form offset) or gptq (error feedback through a "
-        "Hessian of calibration inputs). See docs/results.md for the measured comparison.")
+        "Hessian of calibration inputs; each block's range clipped where that lowers the input-weighted error). "
+        "See docs/results.md for the measured comparison.")
     form: Literal["symmetric", "asymmetric", "offset"] = Field(
         "symmetric", description="Block grid: symmetric (GGUF Q4_0/Q8_0: a scale per block), asymmetric (scale and "
         "integer zero point), offset (GGUF Q4_1: scale and an fp16 minimum per block, added back exactly by the "

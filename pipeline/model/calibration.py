@@ -11,6 +11,7 @@ import numpy as np
 
 from .adapters import adapter_for, get_path
 from .groups import linear_groups
+from .int8_inputs import Int8Inputs
 
 
 def input_hessians(model, windows: np.ndarray, batch_size: int = 4) -> dict[str, np.ndarray]:
@@ -43,12 +44,13 @@ def input_hessians(model, windows: np.ndarray, batch_size: int = 4) -> dict[str,
 
 
 @contextmanager
-def fake_quantized(model, quantizer, names=None):
+def fake_quantized(model, quantizer, names=None, int8_inputs: bool = False):
     """`model` with the weights of the groups in `names` (all by default) replaced, for the duration, by what
-    the quantised ONNX file computes with (`quantizer(...).dequantize()`); restored afterwards."""
+    the quantised ONNX file computes with (`quantizer(...).dequantize()`), and with `int8_inputs` their inputs
+    rounded as MatMulNBits does at accuracy level 4; restored afterwards."""
     import torch
 
-    saved = []
+    saved, inputs = [], Int8Inputs(model) if int8_inputs else None
     try:
         with torch.no_grad():
             for name, members in linear_groups(model).items():
@@ -58,6 +60,8 @@ def fake_quantized(model, quantizer, names=None):
                 q = quantizer(name, weights, [p for p, _ in members])
                 if q is None:
                     continue
+                if inputs is not None:
+                    inputs.set(name, q)
                 rows = np.cumsum([0, *(w.shape[0] for w in weights)])
                 full = q.dequantize()
                 for (_, module), a, b in zip(members, rows[:-1], rows[1:]):
@@ -65,6 +69,8 @@ def fake_quantized(model, quantizer, names=None):
                     module.weight.copy_(torch.from_numpy(full[a:b]).to(module.weight.dtype))
         yield model
     finally:
+        if inputs is not None:
+            inputs.close()
         with torch.no_grad():
             for module, weight in reversed(saved):
                 module.weight.copy_(weight)

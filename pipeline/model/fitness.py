@@ -1,7 +1,8 @@
 """The budget search's only torch part: a prunable copy of the model that takes any `structure.Structure` (sublayers
 set to None or restored, each group's weights replaced by exactly what the quantised ONNX file computes with,
-keys and values rounded to fp16 for an fp16 cache) and scores it by the KL divergence of its next-token
-distributions from the original model's on calibration windows, or by perplexity on held-out windows.
+its inputs rounded to int8 as MatMulNBits does at accuracy level 4 when asked, keys and values rounded to fp16
+for an fp16 cache) and scores it by the KL divergence of its next-token distributions from the original model's
+on calibration windows, or by perplexity on held-out windows.
 
 Quantised weights are made once per (group, format) and kept (bounded); a change of structure rewrites only the
 groups whose format changed. `sensitivities` measures, once, the KL of every single change the search can make.
@@ -18,6 +19,7 @@ import numpy as np
 from .adapters import adapter_for, decoder_layers
 from .structure import Format, Structure
 from .groups import linear_groups
+from .int8_inputs import Int8Inputs
 from .prune import drop_sublayers_inplace
 
 CACHE_BYTES = 1_500_000_000  # quantised weights kept for reuse (codes are one byte per weight)
@@ -27,7 +29,8 @@ class Evaluator:
     """`quantize(group, parts, params, fmt)` returns the group's BlockQuant in `fmt`; `windows` [n, seq] are the
     calibration windows the KL is measured on (the first `n` of them for a step of n windows)."""
 
-    def __init__(self, model, windows: np.ndarray, quantize: Callable, batch_size: int = 2):
+    def __init__(self, model, windows: np.ndarray, quantize: Callable, batch_size: int = 2,
+                 int8_inputs: bool = False):
         self.source, self.windows, self.quantize, self.batch = model, np.asarray(windows), quantize, batch_size
         self.model = drop_sublayers_inplace(copy.deepcopy(model), [], [])
         self.ad = adapter_for(model.config)
@@ -39,6 +42,7 @@ class Evaluator:
         self.cache: OrderedDict = OrderedDict()
         self.half_kv, self._reference = False, None
         self._hooks = self._kv_hooks()
+        self.inputs = Int8Inputs(self.model) if int8_inputs else None  # MatMulNBits at accuracy level 4
 
     def _kv_hooks(self) -> list:
         hooks = []
@@ -84,6 +88,8 @@ class Evaluator:
                     module.weight.copy_(original.weight if full is None else full[start:start + rows])
                     start += rows
                 self.state[group] = fmt
+                if self.inputs is not None:
+                    self.inputs.set(group, None if fmt is None else self.quantized(group, fmt))
         self.half_kv = s.kv_dtype == "fp16"
 
     # ---------------------------------------------------------------- scores
@@ -131,6 +137,8 @@ class Evaluator:
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
+        if self.inputs is not None:
+            self.inputs.close()
 
 
 def input_second_moments(model, windows: np.ndarray, batch_size: int = 2) -> dict[str, np.ndarray]:
