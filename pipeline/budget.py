@@ -151,18 +151,31 @@ def search_starts(space: Space, limits: dict, error, uniform: list) -> list:
 
 
 def _group_quantizer(recipe: Recipe, loaded, windows: np.ndarray):
-    """(group, parts, params, format) -> BlockQuant: the recipe's quantiser, the GGUF's blocks for source."""
+    """(group, parts, params, format) -> BlockQuant: the GGUF's blocks for source formats, else the recipe's
+    quantiser, fitted once per model, calibration windows and quantiser code and kept under home()/fits (the
+    calibration Hessians are computed only when something has to be fitted)."""
+    from .config.paths import home
+    from .export import policy, weights
+    from .export.fits import FitCache
     from .export.gguf_blocks import open_gguf
-    from .export.policy import format_quantizer
-    from .model.calibration import input_hessians
+    from .model import calibration
+    from .rundir import library_versions, sha256_file, sha256_json
 
     s = recipe.budget.search
     gguf = open_gguf(loaded.gguf) if loaded.gguf is not None and s.source_blocks else None
-    hessians = input_hessians(loaded.model, windows) if "gptq" in (s.algorithm, s.table_algorithm) else None
+    key = {"model": loaded.source_sha256, "windows": sha256_json(np.asarray(windows).tolist()),
+           "algorithms": [s.algorithm, s.table_algorithm], "libraries": library_versions(),
+           "code": [sha256_file(Path(m.__file__)) for m in (weights, policy, calibration)]}
+    cache, hessians = FitCache(home() / "fits" / sha256_json(key)[:24]), {}
 
     def quantize(group, parts, params, fmt):
         algorithm = (s.table_algorithm or s.algorithm) if group in (TABLE, "lm_head") else s.algorithm
-        return format_quantizer({group: fmt}, algorithm, gguf, hessians)(group, parts, params)
+
+        def fit():
+            if algorithm == "gptq" and not fmt.source and not hessians:
+                hessians.update(calibration.input_hessians(loaded.model, windows))
+            return policy.format_quantizer({group: fmt}, algorithm, gguf, hessians)(group, parts, params)
+        return fit() if fmt.source else cache.get(group, fmt.name, fit)
     return quantize
 
 

@@ -121,7 +121,7 @@ def test_a_search_is_reproducible_with_its_seed(tmp_path, monkeypatch):
     assert fitting and all(first.kl["budget"] <= first.evaluator.kl(st, 2) for st in fitting)  # never below one
 
 
-def test_the_table_takes_the_table_algorithm_and_the_other_groups_the_algorithm():
+def test_the_table_takes_the_table_algorithm_and_the_other_groups_the_algorithm(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from pipeline.budget import _group_quantizer
@@ -133,15 +133,23 @@ def test_the_table_takes_the_table_algorithm_and_the_other_groups_the_algorithm(
     model = tiny_model("llama")
     recipe = parse_recipe({"name": "t", "budget": {"max_file_mb": 1, "search": {
         "algorithm": "hqq", "table_algorithm": "gptq", "form": "offset"}}})
-    quantize = _group_quantizer(recipe, SimpleNamespace(model=model, gguf=None), WINDOWS)
+    monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path))
+    loaded = SimpleNamespace(model=model, gguf=None, source_sha256="tiny")
     hessians = input_hessians(model, WINDOWS)
     fmt = structure.quant_format(4, 16, "offset")
-    for group, expected in (("embedding", lambda x: weights.gptq(x, hessians["embedding"], 4, 16, "offset")),
-                            ("layers.0.down", lambda x: weights.hqq(x, 4, 16))):
-        members = linear_groups(model)[group]
-        parts = [m.weight.detach().float().numpy() for _, m in members]
-        got = quantize(group, parts, [p for p, _ in members], fmt)
-        np.testing.assert_array_equal(got.dequantize(), expected(np.concatenate(parts)).dequantize())
+    fits = {"embedding": lambda x: weights.gptq(x, hessians["embedding"], 4, 16, "offset"),
+            "layers.0.down": lambda x: weights.hqq(x, 4, 16)}
+    parts = {g: [m.weight.detach().float().numpy() for _, m in linear_groups(model)[g]] for g in fits}
+    expected = {g: fit(np.concatenate(parts[g])).dequantize() for g, fit in fits.items()}
+    for run in ("fits", "reads back"):
+        quantize = _group_quantizer(recipe, loaded, WINDOWS)
+        for group in fits:
+            params = [p for p, _ in linear_groups(model)[group]]
+            np.testing.assert_array_equal(quantize(group, parts[group], params, fmt).dequantize(), expected[group])
+        monkeypatch.setattr(weights, "gptq", None)  # the second quantizer must not fit again
+        monkeypatch.setattr(weights, "hqq", None)
+        monkeypatch.setattr("pipeline.model.calibration.input_hessians", None)
+    assert len(list((tmp_path / "fits").rglob("*.npz"))) == 2
     assert recipe.budget.search.algorithms == "hqq (table gptq)"
 
 

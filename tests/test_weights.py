@@ -74,3 +74,18 @@ def test_a_tied_tables_hessian_is_the_logits_projections_input():
         hidden = model.model(input_ids=torch.from_numpy(windows).long()).last_hidden_state.double()
     x = hidden.reshape(-1, hidden.shape[-1]).numpy()
     np.testing.assert_allclose(hessians["embedding"], x.T @ x, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("bits,form", [(4, "symmetric"), (4, "asymmetric"), (4, "offset"), (8, "offset")])
+def test_fitted_weights_read_back_from_disk_exactly(bits, form, tmp_path):
+    from pipeline.export.fits import FitCache
+
+    q = w.rtn(WEIGHT[:, :40], bits, 16, form)  # 40 inputs: the last block is padded
+    cache, calls = FitCache(tmp_path), []
+    for _ in range(2):
+        got = cache.get("layers.0.o", "fmt", lambda: calls.append(1) or q)
+        assert np.array_equal(got.dequantize(), q.dequantize()) and np.array_equal(got.codes, q.codes)
+        assert (got.bits, got.block_size, got.k) == (bits, 16, 40)
+    assert len(calls) == 1
+    (tmp_path / "layers.0.o.fmt.npz").write_bytes(b"damaged")
+    assert np.array_equal(cache.get("layers.0.o", "fmt", lambda: q).codes, q.codes)  # fitted again

@@ -119,7 +119,8 @@ def searched_rows(recipe: Recipe, p, data, windows, scores, max_mb: float, algor
     loaded = p.loaded
     moved = dataclasses.replace(loaded, model=off_grid(loaded.model), gguf=None,
                                 source_sha256=f"{loaded.source_sha256}:off-grid-0")  # its own cached sensitivities
-    spec = SearchSpec(algorithm=algorithms[0], table_algorithm=algorithms[1], form="offset", source_blocks=False,
+    forms = "offset" if "hqq" in algorithms else ["offset", "symmetric"]  # hqq fits offset blocks only
+    spec = SearchSpec(algorithm=algorithms[0], table_algorithm=algorithms[1], form=forms, source_blocks=False,
                       drop_attention=False, kv_precisions=["fp32"], generations=20, offspring=8, max_seconds=400,
                       heldout_points=0, baseline_drops=[0],
                       selection=[SelectionStep(windows=1, keep=2), SelectionStep(windows=4, keep=1)])
