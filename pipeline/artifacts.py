@@ -344,6 +344,7 @@ class LadderRung(Artifact):
     mc_accuracy: float
     limits: dict[str, float]
     passed: bool
+    dominated_by: str | None = None  # a rung as accurate, small and fast at every context: never worth loading
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ with exactly the weights the search scored, its predicted and measured footprint
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .artifacts import BudgetChoice, DropPlan, Ladder, LadderRung, ModelFigures, Report
@@ -106,9 +107,22 @@ def ladder(recipe: Recipe, model: str, reports: dict[str, Report], folders: dict
             perplexity_increase_pct=100 * (figures.perplexity / original.perplexity - 1),
             mc_accuracy=figures.mc_accuracy, limits=b.limits, passed=report.passed))
     first = next(iter(reports.values()))
-    return Ladder(model=model, context=recipe.budget.context, target=recipe.budget.target,
-                  original_perplexity=first.validation.models["original"].perplexity,
-                  rungs=tuple(sorted(rungs, key=lambda r: r.perplexity)))
+    rungs = sorted(rungs, key=lambda r: r.perplexity)
+    context = recipe.budget.context
+    rungs = [replace(r, dominated_by=next((o.name for o in rungs if dominates(o, r, context)), None)) for r in rungs]
+    return Ladder(model=model, context=context, target=recipe.budget.target,
+                  original_perplexity=first.validation.models["original"].perplexity, rungs=tuple(rungs))
+
+
+def dominates(a: LadderRung, b: LadderRung, context: int) -> bool:
+    """Whether `a` is at least as good as `b` in everything an app weighs (file, memory at any context, decode
+    time, held-out perplexity) and better in something: then `b` is never worth loading. Memory is linear in the
+    context, so being no larger both at the ladder's context and with an empty cache covers every context."""
+    def figures(r: LadderRung):
+        per_token = r.kv_kb_per_token / 1024 * (r.kv_factor or 3.0)
+        return r.file_mb, r.memory_mb, r.memory_mb - context * per_token, r.decode_ms, r.perplexity
+    pairs = list(zip(figures(a), figures(b)))
+    return a.name != b.name and all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
 
 
 def ladder_markdown(lad: Ladder) -> str:
@@ -123,4 +137,6 @@ def ladder_markdown(lad: Ladder) -> str:
         lines.append(f"| {r.name} | {r.file_mb:.1f} | {r.memory_mb:.0f}{predicted} | {r.kv_kb_per_token:.1f} | "
                      f"{r.decode_ms:.1f} | {r.perplexity:.3f} | {r.perplexity_increase_pct:+.1f} % | "
                      f"{r.mc_accuracy:.3f} | {limits} | {'passed' if r.passed else 'FAILED'} |")
+    lines += [f"- {r.name} is dominated by {r.dominated_by} (as accurate, small and fast at every context): the "
+              "picker never loads it." for r in lad.rungs if r.dominated_by]
     return "\n".join(lines + ["", "![pareto](pareto.png)", ""])

@@ -24,8 +24,10 @@ def memory_at(rung: dict, ladder: dict, context: int | None = None) -> float:
 
 
 def fitting(ladder: dict, free_mb: float, context: int | None = None, margin_mb: float = 0.0) -> list[dict]:
-    """The rungs that fit `free_mb`, most capable first: the first is the one to load, the rest its fallbacks."""
-    return [r for r in ladder["rungs"] if memory_at(r, ladder, context) + margin_mb <= free_mb]
+    """The rungs that fit `free_mb`, most capable first: the first is the one to load, the rest its fallbacks.
+    A dominated rung (another is as accurate, small and fast at every context) is never one of them."""
+    return [r for r in ladder["rungs"]
+            if not r.get("dominated_by") and memory_at(r, ladder, context) + margin_mb <= free_mb]
 
 
 def pick(ladder: dict, free_mb: float, context: int | None = None, margin_mb: float = 0.0,

@@ -27,6 +27,34 @@ def test_the_most_capable_rung_that_fits_is_picked_and_failed_ones_are_skipped()
     assert [r["name"] for r in picker.fitting(LADDER, 460)] == ["medium", "small"]
 
 
+def test_a_dominated_rung_is_never_picked():
+    ladder = {**LADDER, "rungs": [*LADDER["rungs"][:2], {**LADDER["rungs"][2], "memory_mb": 470.0,
+                                                          "dominated_by": "medium"}]}
+    assert picker.pick(ladder, 600, failed=("large", "medium")) is None
+    assert [r["name"] for r in picker.fitting(ladder, 1000)] == ["large", "medium"]
+
+
+def _rung(name, file_mb, memory_mb, kv_kb, factor, decode_ms, perplexity):
+    from pipeline.artifacts import LadderRung
+
+    return LadderRung(name=name, files={}, file_mb=file_mb, memory_mb=memory_mb, predicted_memory_mb=None,
+                      kv_kb_per_token=kv_kb, kv_factor=factor, decode_ms=decode_ms, perplexity=perplexity,
+                      perplexity_increase_pct=0.0, mc_accuracy=0.9, limits={}, passed=True)
+
+
+def test_a_rung_dominates_only_when_no_worse_in_anything_at_any_context():
+    from pipeline.ladder import dominates
+
+    # the measured case: fp16 KV, same weights, a little more accurate; the fp32-KV rung is never worth it
+    medium = _rung("medium", 99.5, 436, 22.5, 2.7, 33.0, 46.83)
+    large = _rung("large", 100.5, 535, 45.0, 2.2, 40.2, 46.93)
+    assert dominates(medium, large, 2048) and not dominates(large, medium, 2048) and not dominates(medium, medium, 2048)
+    assert not dominates(medium, _rung("x", 100.5, 535, 45.0, 2.2, 40.2, 46.80), 2048)  # more accurate: kept
+    assert not dominates(medium, _rung("x", 100.5, 535, 45.0, 2.2, 32.0, 46.93), 2048)  # faster: kept
+    # lighter at 2048 tokens but heavier with a short context (its weights cost more, its cache less): kept
+    assert not dominates(_rung("a", 99, 430, 10.0, 3.0, 33, 46.0), _rung("b", 100, 440, 45.0, 3.0, 33, 47.0), 2048)
+
+
 def test_memory_moves_with_the_context_by_the_kv_cache():
     """By each rung's own cost of a KV MiB (its KV precision's), 3 where a rung has none."""
     large, medium, small = LADDER["rungs"]
