@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="also write the rows as JSON here")
     q.add_argument("--search-mb", type=float, default=None, help="also run the budget search on the undropped "
                    "model's off-grid weights with this file budget (MB): per-group 4/8-bit mixed precision")
-    q.add_argument("--search-algorithm", choices=["rtn", "hqq", "gptq"], default="hqq",
-                   help="quantiser of that search (default hqq: the best held-out figure off grid, docs/results.md)")
+    q.add_argument("--search-algorithm", choices=["rtn", "hqq", "gptq"], default="gptq",
+                   help="quantiser of that search (default gptq: the best held-out figure off grid, docs/results.md)")
     q.add_argument("--search-table-algorithm", choices=["rtn", "hqq", "gptq"], default=None,
                    help="quantiser of that search's embedding / logits table (default: --search-algorithm)")
     q.add_argument("--rows", nargs="*", default=None, metavar="ROW",

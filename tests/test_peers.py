@@ -195,12 +195,12 @@ def test_quant_sweep_searches_per_group_formats_within_a_file_budget(tiny_projec
     rows = quant_sweep(load_recipe(tiny_project), rows=[], search_mb=0.15)
     weights = "off-grid (seeded noise), undropped"
     assert [(r["weights"], r["quantiser"]) for r in rows[-2:]] == [
-        (weights, "fp32"), (weights, "budget search <= 0.15 MB (hqq)")]
+        (weights, "fp32"), (weights, "budget search <= 0.15 MB (gptq)")]
     fp32, searched = rows[-2:]
     assert searched["file_mb"] <= 0.15 < fp32["file_mb"]
     assert searched["vs_fp32_pct"] == pytest.approx(100 * (searched["perplexity"] / fp32["perplexity"] - 1))
     assert searched["structure"].startswith("0 of 4 attention and 0 of 4 MLP sublayers dropped")
-    assert f"- budget search <= 0.15 MB (hqq): {searched['structure']}" in markdown_table(rows)
+    assert f"- budget search <= 0.15 MB (gptq): {searched['structure']}" in markdown_table(rows)
 
 
 def test_off_grid_weights_move_within_half_a_block_step():

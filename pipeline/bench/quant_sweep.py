@@ -59,7 +59,7 @@ def off_grid(model, seed: int = 0):
 
 
 def quant_sweep(recipe: Recipe, out: str | None = None, rows: list[str] | None = None,
-                search_mb: float | None = None, search_algorithm: str = "hqq",
+                search_mb: float | None = None, search_algorithm: str = "gptq",
                 search_table_algorithm: str | None = None) -> list[dict]:
     from ..export.gguf_blocks import GgufBlocks
     from ..measure.ort_runner import OnnxLM, perplexity
