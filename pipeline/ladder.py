@@ -5,9 +5,10 @@ with exactly the weights the search scored, its predicted and measured footprint
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from . import picker
 from .artifacts import BudgetChoice, DropPlan, Ladder, LadderRung, ModelFigures, Report
 from .config.recipe import Recipe, ValidateSpec
 from .model.space import Candidate, Space
@@ -119,8 +120,8 @@ def dominates(a: LadderRung, b: LadderRung, context: int) -> bool:
     time, held-out perplexity) and better in something: then `b` is never worth loading. Memory is linear in the
     context, so being no larger both at the ladder's context and with an empty cache covers every context."""
     def figures(r: LadderRung):
-        per_token = r.kv_kb_per_token / 1024 * (r.kv_factor or 3.0)
-        return r.file_mb, r.memory_mb, r.memory_mb - context * per_token, r.decode_ms, r.perplexity
+        empty = picker.memory_at(asdict(r), {"context": context}, 0)  # the picker's own rule, its default factor
+        return r.file_mb, r.memory_mb, empty, r.decode_ms, r.perplexity
     pairs = list(zip(figures(a), figures(b)))
     return a.name != b.name and all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
 

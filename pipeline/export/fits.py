@@ -36,8 +36,7 @@ class FitCache:
 
 def save(q: BlockQuant, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    codes = q.codes if q.bits == 8 else (q.codes[:, 0::2] | (q.codes[:, 1::2] << 4)).astype(np.uint8)
-    arrays = {"codes": codes, "scales": q.scales, "shape": np.array([q.bits, q.block_size, q.k])}
+    arrays = {"codes": q.packed().reshape(q.n, -1), "scales": q.scales, "shape": np.array([q.bits, q.block_size, q.k])}
     if q.zero_points is not None:
         arrays["zero_points"] = q.zero_points
     if q.offsets is not None:

@@ -175,10 +175,15 @@ def _searched_grid(x: np.ndarray, bits: int, form: Form, importance: np.ndarray)
     return best[0]
 
 
+def _zeros(scale: np.ndarray, zero: np.ndarray | None, bits: int) -> np.ndarray:
+    """Per-block zero points: the given ones, or MatMulNBits' default 2^(bits-1)."""
+    return np.full(scale.shape, 2 ** (bits - 1)) if zero is None else zero
+
+
 def _rounded(x: np.ndarray, grid, bits: int) -> np.ndarray:
     """x rounded to the nearest level of its blocks' grid, as the graph will compute it."""
     scale, zero, offset = grid
-    zeros = np.full(scale.shape, 2 ** (bits - 1)) if zero is None else zero
+    zeros = _zeros(scale, zero, bits)
     shift = 0 if offset is None else offset[..., None]
     return scale[..., None] * (_nearest(x, scale, zeros, offset, bits) - zeros[..., None]) + shift
 
@@ -191,8 +196,7 @@ def _nearest(x, scale, zeros, offset, bits) -> np.ndarray:
 
 def _encode(x, scale, zero, offset, bits, block_size, k) -> BlockQuant:
     """Codes of `x` on the given per-block grid, nearest level."""
-    zeros = np.full(scale.shape, 2 ** (bits - 1)) if zero is None else zero
-    codes = _nearest(x, scale, zeros, offset, bits)
+    codes = _nearest(x, scale, _zeros(scale, zero, bits), offset, bits)
     return _pack(codes, scale, None if zero is None else zero.astype(np.uint8), offset, bits, block_size, k)
 
 
@@ -267,7 +271,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32
         block, errors = w[:, start:stop].copy(), np.zeros((n, block_size))
         scale, zero, offset = _searched_grid(block[:, None, :], bits, form, np.diag(h)[start:stop])
         grids.append((scale, zero, offset))
-        zeros = np.full(scale.shape, 2 ** (bits - 1)) if zero is None else zero
+        zeros = _zeros(scale, zero, bits)
         shift = 0 if offset is None else offset[:, 0]
         for j in range(block_size):
             q = _codes(np.divide(block[:, j] - shift, scale[:, 0], out=np.zeros(n), where=scale[:, 0] != 0)

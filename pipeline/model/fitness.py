@@ -81,7 +81,8 @@ class Evaluator:
                 fmt = s.formats.get(group) if s.keeps(group) else self.state[group]
                 if fmt == self.state[group]:
                     continue
-                full = None if fmt is None else torch.from_numpy(self.quantized(group, fmt).dequantize())
+                q = None if fmt is None else self.quantized(group, fmt)
+                full = None if q is None else torch.from_numpy(q.dequantize())
                 start = 0
                 for (_, module), (_, original) in zip(members, self.original[group]):
                     rows = module.weight.shape[0]
@@ -89,7 +90,7 @@ class Evaluator:
                     start += rows
                 self.state[group] = fmt
                 if self.inputs is not None:
-                    self.inputs.set(group, None if fmt is None else self.quantized(group, fmt))
+                    self.inputs.set(group, q)
         self.half_kv = s.kv_dtype == "fp16"
 
     # ---------------------------------------------------------------- scores

@@ -17,19 +17,17 @@ def round_int8_blocks(x, block: int):
     """x with its last axis rounded to int8 per block of `block` values (zero-padded), as MLAS quantises A."""
     import torch
 
-    k = x.shape[-1]
-    padded = torch.nn.functional.pad(x, (0, -k % block))
-    blocks = padded.reshape(*x.shape[:-1], -1, block)
+    blocks = _blocked(x, block)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     q = torch.round(blocks / torch.where(scale == 0, 1, scale)).clamp(-127, 127)
-    return (q * scale).reshape(padded.shape)[..., :k]
+    return (q * scale).flatten(-2)[..., :x.shape[-1]]
 
 
-def _block_sums(x, block: int):
+def _blocked(x, block: int):
+    """[..., K] -> [..., K / block, block], K zero-padded to whole blocks."""
     import torch
 
-    k = x.shape[-1]
-    return torch.nn.functional.pad(x, (0, -k % block)).reshape(*x.shape[:-1], -1, block).sum(-1)
+    return torch.nn.functional.pad(x, (0, -x.shape[-1] % block)).unflatten(-1, (-1, block))
 
 
 class Int8Inputs:
@@ -68,7 +66,7 @@ class Int8Inputs:
             x = args[0]
             rounded = round_int8_blocks(x, block)
             if offsets is not None:  # the graph adds this term from the unrounded input
-                self.pending[id(module)] = _block_sums(x - rounded, block) @ offsets[index].T
+                self.pending[id(module)] = _blocked(x - rounded, block).sum(-1) @ offsets[index].T
             return (rounded, *args[1:])
         return hook
 
