@@ -323,6 +323,10 @@ class BudgetChoice(Artifact):
     kl: float
     predicted: dict[str, float | None]  # file_mb, memory_mb, decode_ms, kv_kb_per_token
     measured: dict[str, float | None] = field(default_factory=dict)
+    model: str = ""  # the source model it was made from (model.key)
+    # with candidate source models: each one's chosen structure for this budget, in bits per byte of calibration
+    # text (the fewest wins)
+    compared: dict[str, float] = field(default_factory=dict)
     filename: ClassVar[str] = "budget.json"
 
 
@@ -344,18 +348,20 @@ class LadderRung(Artifact):
     mc_accuracy: float
     limits: dict[str, float]
     passed: bool
+    model: str  # the source model it was made from (a key of Ladder.models)
+    bits_per_byte: float  # held-out perplexity per byte of text: comparable across source models and tokenizers
     dominated_by: str | None = None  # a rung as accurate, small and fast at every context: never worth loading
 
 
 @dataclass(frozen=True)
 class Ladder(Artifact):
-    """ladder.json: models of one source for several budgets, most capable first. An app takes the first rung
-    whose memory fits what the device can give (docs/budget.md; pipeline/picker.py)."""
+    """ladder.json: models for several budgets, most capable (fewest held-out bits per byte) first, each from one
+    of the source models. An app takes the first rung whose memory fits what the device can give
+    (docs/budget.md; pipeline/picker.py)."""
 
-    model: str
+    models: dict[str, dict]  # source key -> description, original_perplexity, original_bits_per_byte
     context: int
     target: str
-    original_perplexity: float
     rungs: tuple[LadderRung, ...]
     filename: ClassVar[str] = "ladder.json"
 

@@ -55,25 +55,36 @@ def budget_space(recipe: Recipe, info: ModelInfo, gguf: Path | None, calibration
     return build_space(info, spec.search, source_formats(info, types), spec.context, calibration)
 
 
-def budget_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
-    """Every limit below what the smallest reachable model costs, naming that figure, the model and the field."""
+def budget_problems(recipe: Recipe, infos: dict[str, ModelInfo]) -> list[str]:
+    """Every limit below what the smallest reachable model costs (of every source model, keyed as
+    `SourceSpec.key`), naming that figure, the model and the field."""
     from .model.loading import source_gguf
 
-    spec, m = recipe.budget, recipe.model
-    space = budget_space(recipe, info, source_gguf(m.source, m.name, m.path), calibration_for(recipe, info))
-    small = space.smallest()
-    reach = space.footprint(small)
+    spec, sources = recipe.budget, {s.key: s for s in recipe.model.sources()}
+    reach = {}  # source key -> (smallest structure's footprint, its description)
+    for key, info in infos.items():
+        m = sources[key]
+        space = budget_space(recipe.for_source(m), info, source_gguf(m.source, m.name, m.path),
+                             calibration_for(recipe, info))
+        small = space.smallest()
+        who = f"{key}: " if len(infos) > 1 else ""
+        reach[key] = (space.footprint(small), who + space.describe(small))
     problems = []
     for name, limits in spec.rungs():
         where = f"budget.ladder.{name}" if spec.ladder else "budget"
         for key, value in limits.limits().items():
-            figure = getattr(reach, FIGURE[key])
+            figure, described = min(((getattr(fp, FIGURE[key]), d) for fp, d in reach.values()), key=lambda x: x[0])
             if value < figure:
                 problems.append(
                     f"{where}.{key}: {value:g} {UNITS[key]} is below the smallest {LABELS[key]} this search can reach, "
-                    f"{figure:.2f} {UNITS[key]} ({space.describe(small)}); raise {where}.{key} to at least "
+                    f"{figure:.2f} {UNITS[key]} ({described}); raise {where}.{key} to at least "
                     f"{math.ceil(figure * 100) / 100:.2f}{_widen(spec.search, key)}")
     return problems
+
+
+def reachable(space: Space, limits: dict) -> bool:
+    """Whether the smallest structure of `space` meets every limit (so a search for them can start)."""
+    return space.fits(space.smallest(), limits)
 
 
 def _widen(search, key: str) -> str:
@@ -101,7 +112,7 @@ class SearchOutcome:
 
 def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.ndarray, heldout: np.ndarray,
            progress: bool = True) -> SearchOutcome:
-    """Choose one structure per rung of the recipe's budget (or the budget itself)."""
+    """Choose one structure per rung of the recipe's budget (or the budget itself) that this model can reach."""
     from .model.evopress import SearchLog, evolve
     from .model.fitness import Evaluator
     from .model.sensitivity import additive_error
@@ -121,6 +132,9 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
     uniform = [c for _, st in uniform_baselines(space, scores, s.baseline_drops) if (c := space.candidate(st))]
     for name, limits in recipe.budget.rungs():
         lim = limits.limits()
+        if not reachable(space, lim):  # another source model's (the checks refuse a budget none can reach)
+            console.say(f"budget {name}: out of {loaded.description}'s reach; not searched")
+            continue
         started, generations = time.perf_counter(), log.generations
         starts = search_starts(space, lim, error, uniform)
         values = log.score(starts, steps[-1][0], fitness, space.key)

@@ -52,27 +52,39 @@ def preflight(recipe: Recipe) -> ModelInfo:
     """Every check a recipe allows before loading weights, all problems in one RecipeError: the recipe's own
     (files, names, targets), the model's config or GGUF metadata (architecture, drop limits, Core ML, tied
     tables), the text split (calibration or healing text must not overlap evaluation text) and a budget below the
-    smallest reachable model (memory and decode limits measure the target once, cached)."""
-    from .model.loading import read_model_info
-
+    smallest reachable model (memory and decode limits measure the target once, cached). Candidate source models
+    are checked like the model; the model's figures are returned."""
     problems = recipe_problems(recipe)
-    info = None
-    if recipe.model.path is None or path_problem(recipe.model.path) is None:
-        try:
-            info = read_model_info(recipe.model.source, name=recipe.model.name, path=recipe.model.path)
-        except ModelError as e:
-            problems.append(f"model: {e}")
-    if info is not None:
-        problems += model_problems(recipe, info)
+    infos = source_infos(recipe, problems)
     if not problems:
         problems += _overlap_problems(recipe)
     if not problems and recipe.budget is not None:
         from .budget import budget_problems
 
-        problems += budget_problems(recipe, info)
+        problems += budget_problems(recipe, infos)
     if problems:
         raise RecipeError(problems)
-    return info
+    return infos[recipe.model.key]
+
+
+def source_infos(recipe: Recipe, problems: list[str]) -> dict[str, ModelInfo]:
+    """The figures of the model and of each candidate, by `SourceSpec.key`; what cannot be read or does not fit
+    the recipe is added to `problems` (a candidate's prefixed with its key)."""
+    from .model.loading import read_model_info
+
+    infos, several = {}, bool(recipe.model.candidates)
+    for n, spec in enumerate(recipe.model.sources()):
+        where = "model" if n == 0 else f"model.candidates[{n - 1}]"
+        if spec.path is not None and path_problem(spec.path) is not None:
+            continue  # reported with the recipe's files
+        try:
+            info = read_model_info(spec.source, name=spec.name, path=spec.path)
+        except ModelError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        infos[spec.key] = info
+        problems += [f"{spec.key}: {p}" if several else p for p in model_problems(recipe.for_source(spec), info)]
+    return infos
 
 
 def _overlap_problems(recipe: Recipe) -> list[str]:
@@ -452,50 +464,98 @@ class LadderOutcome:
         return [f"{name}: {f}" for name, r in self.reports.items() for f in r.failures()]
 
 
+@dataclass
+class _Searched:
+    """One source model's part of a budgeted run: its recipe, weights, scores, evaluation data, search outcome
+    and, when models compete, each chosen structure's bits per byte of calibration text."""
+
+    recipe: Recipe
+    loaded: object  # pipeline.model.loading.LoadedModel
+    scores: Scores
+    data: object  # pipeline.measure.validate.EvalData
+    found: object  # pipeline.budget.SearchOutcome
+    bits: dict[str, float]
+
+
 def _budget_stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: float):
-    """score -> search (per budget) -> for each chosen model: drop, export, package, validate, report; then the
-    Pareto record and, for a ladder, ladder.json. A single budget's model is written like any run's; a ladder's
-    rungs go to rungs/<name>/."""
-    from .budget import search
-    from .ladder import ladder, ladder_markdown
-    from .measure.pareto import plot_pareto
-    from .measure.validate import prepare_eval_data
+    """Per source model (the model, then any candidates): score -> search (per budget it can reach); then for
+    each budget the model whose choice has the fewest bits per byte: drop, export, package, validate, report;
+    then the Pareto records and, for a ladder, ladder.json. A single budget's model is written like any run's; a
+    ladder's rungs go to rungs/<name>/, each candidate's search record to candidates/<key>/."""
+    from .ladder import RungSource, ladder, ladder_markdown
 
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    sources, several = recipe.model.sources(), bool(recipe.budget.ladder)
+    infos = source_infos(recipe, []) if len(sources) > 1 else {recipe.model.key: info}
+    searched = {}
+    for spec in sources:
+        if len(sources) > 1:
+            console.say(f"source model {spec.key}:")
+        folder = tmp / "candidates" / spec.key if len(sources) > 1 else tmp
+        folder.mkdir(parents=True, exist_ok=True)
+        searched[spec.key] = _search_source(recipe.for_source(spec), infos[spec.key], folder, timings,
+                                            compare=len(sources) > 1)
+    reports, folders, picked = {}, {}, {}
+    for name, limits in recipe.budget.rungs():
+        keys = [k for k, s in searched.items() if name in s.found.chosen]
+        picked[name] = key = min(keys, key=lambda k: searched[k].bits.get(name, 0.0))
+        s = searched[key]
+        folders[name] = tmp / "rungs" / name if several else tmp
+        folders[name].mkdir(parents=True, exist_ok=True)
+        if len(sources) > 1:
+            console.say(f"rung {name}: {key} (bits per byte of calibration text: "
+                        f"{', '.join(f'{k} {searched[k].bits[name]:.4f}' for k in keys)})")
+        elif several:
+            console.say(f"rung {name}:")
+        reports[name] = _rung(s.recipe, s.loaded, s.found, name, limits, folders[name], s.data, dict(timings), start,
+                              s.scores, {k: searched[k].bits[name] for k in keys if name in searched[k].bits})
+    outcome = reports[name] if not several else LadderOutcome(
+        reports, dict(timings), round(time.perf_counter() - start, 1))
+    if several:
+        record = ladder(recipe, reports, folders, tmp, {n: RungSource(
+            k, searched[k].loaded.description, searched[k].found.space.calibration, searched[k].loaded.tokenizer,
+            searched[k].data.windows) for n, k in picked.items()})
+        record.write(tmp)
+        plots = [f"candidates/{k}/pareto.png" for k in searched] if len(sources) > 1 else ["pareto.png"]
+        (tmp / "report.md").write_text(ladder_markdown(record, plots))
+    variants = {n: (folders[n] / f"onnx-{n}" / "model.onnx") for n in reports}
+    _manifest(tmp, recipe, [s.loaded for s in searched.values()], variants, outcome)
+    return outcome
+
+
+def _search_source(recipe: Recipe, info: ModelInfo, folder: Path, timings: dict, compare: bool) -> _Searched:
+    """Load one source model, score it and search it for every budget it can reach; its scores, Pareto record
+    and sensitivities go to `folder`. With `compare`, each chosen structure's bits per byte of calibration text
+    (the search's last selection step's windows) is measured for the choice between models."""
+    from .budget import search
+    from .measure.pareto import plot_pareto
+    from .measure.validate import prepare_eval_data
+    from .model.corpus import bits_per_byte
+
     with stage("load model", timings):
         loaded = load(recipe)
     with stage("score", timings):
         scores = score(loaded.model, loaded.tokenizer, recipe.calibration, loaded.description)
-        scores.write(tmp)
+        scores.write(folder)
     console.skipped(STAGES.index("heads") + 1, len(STAGES), "heads", "budgeted runs do not analyse heads")
     console.skipped(STAGES.index("plan") + 1, len(STAGES), "plan", "the budget search chooses what to drop")
     data = prepare_eval_data(loaded.tokenizer, recipe.validate_)
+    windows = calibration_windows(loaded.tokenizer, recipe.calibration)
+    bits = {}
     with stage("search", timings):
-        found = search(recipe, loaded, info, scores, calibration_windows(loaded.tokenizer, recipe.calibration),
-                       data.windows)
-        found.pareto.write(tmp)
-        found.sensitivities.write(tmp)
-        plot_pareto(found.pareto, tmp / "pareto.png")
-    reports, folders, several = {}, {}, bool(recipe.budget.ladder)
-    for name, limits in recipe.budget.rungs():
-        folders[name] = tmp / "rungs" / name if several else tmp
-        folders[name].mkdir(parents=True, exist_ok=True)
-        if several:
-            console.say(f"rung {name}:")
-        reports[name] = _rung(recipe, loaded, found, name, limits, folders[name], data, dict(timings), start, scores)
-    outcome = reports[name] if not several else LadderOutcome(
-        reports, dict(timings), round(time.perf_counter() - start, 1))
-    if several:
-        record = ladder(recipe, loaded.description, reports, folders, tmp, found.space.calibration)
-        record.write(tmp)
-        (tmp / "report.md").write_text(ladder_markdown(record))
-    variants = {n: (folders[n] / f"onnx-{n}" / "model.onnx") for n in reports}
-    _manifest(tmp, recipe, loaded, variants, outcome)
-    return outcome
+        found = search(recipe, loaded, info, scores, windows, data.windows)
+        found.pareto.write(folder)
+        found.sensitivities.write(folder)
+        plot_pareto(found.pareto, folder / "pareto.png")
+        if compare:
+            scored = windows[:recipe.budget.search.selection[-1].windows]
+            bits = {name: bits_per_byte(found.evaluator.perplexity(found.space.structure(c), scored),
+                                        loaded.tokenizer, scored) for name, c in found.chosen.items()}
+    return _Searched(recipe, loaded, scores, data, found, bits)
 
 
 def _rung(recipe: Recipe, loaded, found, name: str, limits, folder: Path, data, timings: dict, start: float,
-          scores: Scores) -> Report:
+          scores: Scores, compared: dict[str, float] | None = None) -> Report:
     from .ladder import choice, drop_plan, export_choice, gates_with_floor, measured_footprint, structure_weights
     from .measure.validate import validate
     from .model.calibration import fake_quantized
@@ -527,7 +587,7 @@ def _rung(recipe: Recipe, loaded, found, name: str, limits, folder: Path, data, 
         measured = measured_footprint(recipe, path, work)
         shutil.rmtree(work)
     with stage("report", timings):
-        budget = choice(recipe, name, limits, found.space, c, found.kl[name], path, measured)
+        budget = choice(recipe, name, limits, found.space, c, found.kl[name], path, measured, compared)
         budget.write(folder)
         report = Report(name=recipe.name if folder.name != name else f"{recipe.name} / {name}", plan=planned,
                         heal=None, validation=validation, packages=packages, stage_seconds=dict(timings),
@@ -552,11 +612,13 @@ def write_report(report: Report, scores: Scores, folder: Path, head_scores: Head
 
 
 def _manifest(folder: Path, recipe: Recipe, loaded, variants: dict[str, Path], report: Report) -> None:
+    """manifest.json; `loaded` is the run's model, or (a budgeted run with candidates) every source model."""
     from .rundir import sha256_json, write_manifest
 
+    models = [{"description": m.description, "sha256": m.source_sha256, "terms": [t.name for t in m.terms]}
+              for m in (loaded if isinstance(loaded, list) else [loaded])]
     write_manifest(folder, {"name": recipe.name, "recipe_sha256": sha256_json(recipe.resolved()),
-                            "source_model": {"description": loaded.description, "sha256": loaded.source_sha256,
-                                             "terms": [t.name for t in loaded.terms]},
+                            "source_model": models[0], **({"candidate_models": models[1:]} if len(models) > 1 else {}),
                             "variants": {name: str(path.relative_to(folder)) for name, path in variants.items()},
                             "passed": report.passed})
 

@@ -106,11 +106,12 @@ def byte_level_bpe(texts, vocab_size: int = BPE_VOCAB, gguf_decoder: bool = Fals
                                    padding_side="left")
 
 
-def save_tiny_folder(folder, arch: str = "llama", texts=()):
-    """A tiny model plus a byte-level BPE tokenizer trained on `texts`, as a Hugging Face folder."""
-    tokenizer = byte_level_bpe(texts)
+def save_tiny_folder(folder, arch: str = "llama", texts=(), vocab_size: int = BPE_VOCAB, **overrides):
+    """A tiny model (`overrides` of its config) plus a byte-level BPE tokenizer of `vocab_size` trained on
+    `texts`, as a Hugging Face folder."""
+    tokenizer = byte_level_bpe(texts, vocab_size)
     tiny_model(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-               eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
+               eos_token_id=tokenizer.eos_token_id, **overrides).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

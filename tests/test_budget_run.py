@@ -84,3 +84,44 @@ def test_a_ladder_writes_a_rung_per_budget_that_the_picker_chooses_from(project)
     assert (fallback["name"] if fallback else None) == (usable[1]["name"] if len(usable) > 1 else None)
     assert picker.pick(ladder, free_mb=1) is None
     assert (run / "pareto.png").is_file() and "# Model ladder" in (run / "report.md").read_text()
+
+
+def test_candidate_models_each_rung_from_the_one_with_the_fewest_bits_per_byte(project):
+    """A second source model (more layers, a larger vocabulary, so other tokens): a rung only the first can reach
+    comes from it; a rung both reach comes from the one whose choice has the fewest bits per byte."""
+    save_tiny_folder(project / "model-b", texts=[synthetic_text(s) for s in range(3)], vocab_size=400,
+                     num_hidden_layers=6)
+    path = recipe(project, "candidates", {"ladder": [{"name": "roomy", "max_file_mb": 0.5},
+                                                     {"name": "tight", "max_file_mb": 0.1}]})
+    data = yaml.safe_load(open(path))
+    data["model"]["candidates"] = [{"source": "hf", "path": "model-b"}]
+    open(path, "w").write(yaml.safe_dump(data))
+    assert main(["run", path]) == 0
+    run = next((project / "runs").glob("candidates-*"))
+    ladder = json.loads((run / "ladder.json").read_text())
+    assert set(ladder["models"]) >= {r["model"] for r in ladder["rungs"]}
+    rungs = {r["name"]: r for r in ladder["rungs"]}
+    budgets = {name: json.loads((run / "rungs" / name / "budget.json").read_text()) for name in rungs}
+    assert rungs["tight"]["model"] == "model" and set(budgets["tight"]["compared"]) == {"model"}  # b's least is 0.12 MB
+    compared = budgets["roomy"]["compared"]
+    assert set(compared) == {"model", "model-b"} and rungs["roomy"]["model"] == min(compared, key=compared.get)
+    assert [r["bits_per_byte"] for r in ladder["rungs"]] == sorted(r["bits_per_byte"] for r in ladder["rungs"])
+    for key in ("model", "model-b"):
+        assert (run / "candidates" / key / "pareto.png").is_file() and (run / "candidates" / key / "scores.json").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(manifest["candidate_models"]) == 1 and "model-b" in manifest["candidate_models"][0]["description"]
+
+
+def test_a_budget_no_candidate_reaches_names_the_smallest_of_them_and_candidates_need_a_budget(project, capsys):
+    save_tiny_folder(project / "model-c", texts=[synthetic_text(0)], num_hidden_layers=6)
+    path = recipe(project, "unreachable", {"max_file_mb": 0.05})
+    data = yaml.safe_load(open(path))
+    data["model"]["candidates"] = [{"source": "hf", "path": "model-c"}]
+    open(path, "w").write(yaml.safe_dump(data))
+    assert main(["run", path]) == 2
+    err = capsys.readouterr().err
+    assert "budget.max_file_mb: 0.05 MB is below the smallest file this search can reach, 0.09 MB (model: 3 of 4 " in err
+    del data["budget"]
+    open(path, "w").write(yaml.safe_dump(data))
+    assert main(["run", path]) == 2
+    assert "model.candidates: only a budgeted run chooses among source models" in capsys.readouterr().err

@@ -151,3 +151,18 @@ def test_default_split_is_disjoint_and_large_enough():
     assert "BIBLIOGRAPHY" not in text and "###" not in text and "tif.txt" not in text
     items = corpus.multiple_choice_items(text, distractors, n=200, seed=0)
     assert len(items) == 200 and all(it.choices[it.answer] in text for it in items)
+
+
+def test_bits_per_byte_counts_the_utf8_bytes_of_the_scored_tokens():
+    """Token k spells k characters ("é" is two bytes); each window's first token is not scored."""
+    import math
+
+    from pipeline.model.corpus import bits_per_byte
+
+    class Spelling:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("é" * k if k % 2 else "x" * k for k in ids)
+
+    windows = np.array([[5, 1, 2, 3], [4, 2, 2, 1]])
+    scored_bytes = (2 * 1 + 2 + 2 * 3) + (2 + 2 + 2 * 1)
+    assert bits_per_byte(math.e, Spelling(), windows) == pytest.approx(6 / (math.log(2) * scored_bytes))

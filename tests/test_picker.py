@@ -34,12 +34,16 @@ def test_a_dominated_rung_is_never_picked():
     assert [r["name"] for r in picker.fitting(ladder, 1000)] == ["large", "medium"]
 
 
-def _rung(name, file_mb, memory_mb, kv_kb, factor, decode_ms, perplexity):
+def _rung(name, file_mb, memory_mb, kv_kb, factor, decode_ms, perplexity, bits=None, model="a"):
+    """A rung; its bits per byte follow its perplexity (one tokenizer, 4 bytes per token) unless given."""
+    import math
+
     from pipeline.artifacts import LadderRung
 
     return LadderRung(name=name, files={}, file_mb=file_mb, memory_mb=memory_mb, predicted_memory_mb=None,
                       kv_kb_per_token=kv_kb, kv_factor=factor, decode_ms=decode_ms, perplexity=perplexity,
-                      perplexity_increase_pct=0.0, mc_accuracy=0.9, limits={}, passed=True)
+                      perplexity_increase_pct=0.0, mc_accuracy=0.9, limits={}, passed=True, model=model,
+                      bits_per_byte=bits if bits is not None else math.log2(perplexity) / 4)
 
 
 def test_a_rung_dominates_only_when_no_worse_in_anything_at_any_context():
@@ -53,6 +57,15 @@ def test_a_rung_dominates_only_when_no_worse_in_anything_at_any_context():
     assert not dominates(medium, _rung("x", 100.5, 535, 45.0, 2.2, 32.0, 46.93), 2048)  # faster: kept
     # lighter at 2048 tokens but heavier with a short context (its weights cost more, its cache less): kept
     assert not dominates(_rung("a", 99, 430, 10.0, 3.0, 33, 46.0), _rung("b", 100, 440, 45.0, 3.0, 33, 47.0), 2048)
+
+
+def test_rungs_of_different_source_models_are_compared_per_byte_not_per_token():
+    from pipeline.ladder import dominates
+
+    # a model whose tokens are longer has the higher perplexity and still the better text prediction
+    long_tokens = _rung("long", 99, 430, 45.0, 3.0, 33, 60.0, bits=1.10, model="b")
+    short_tokens = _rung("short", 100, 440, 45.0, 3.0, 33, 47.0, bits=1.25, model="a")
+    assert dominates(long_tokens, short_tokens, 2048) and not dominates(short_tokens, long_tokens, 2048)
 
 
 def test_memory_moves_with_the_context_by_the_kv_cache():

@@ -183,7 +183,7 @@ def test_frontier_keeps_points_nothing_beats():
 def test_an_impossible_budget_names_the_smallest_reachable_file_and_the_field(tmp_path):
     recipe = parse_recipe({"name": "t", "model": {"source": "hf", "path": str(tmp_path)},
                            "budget": {"max_file_mb": 0.05, "context": 128}})
-    problems = budget_problems(recipe, INFO)
+    problems = budget_problems(recipe, {recipe.model.key: INFO})
     assert len(problems) == 1
     msg = problems[0]
     assert msg.startswith("budget.max_file_mb: 0.05 MB is below the smallest file this search can reach")
@@ -191,7 +191,7 @@ def test_an_impossible_budget_names_the_smallest_reachable_file_and_the_field(tm
     assert "raise budget.max_file_mb to at least" in msg and "budget.search.drop_mlp: true" in msg
     ok = parse_recipe({"name": "t", "model": {"source": "hf", "path": str(tmp_path)},
                        "budget": {"max_file_mb": 10, "context": 128}})
-    assert budget_problems(ok, INFO) == []
+    assert budget_problems(ok, {ok.model.key: INFO}) == []
 
 
 def test_ladder_rungs_override_the_budget_field_by_field():

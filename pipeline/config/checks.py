@@ -56,10 +56,14 @@ def recipe_problems(recipe: Recipe) -> list[str]:
 
 def budget_recipe_problems(recipe: Recipe) -> list[str]:
     """What a budget cannot be combined with, and settings that do not fit the rest of the recipe."""
-    b = recipe.budget
+    b, m = recipe.budget, recipe.model
+    keys = [s.key for s in m.sources()]
+    problems = [f"model.candidates: '{k}' names two source models (candidates are told apart by packaged name or "
+                "file/folder name); list each model once, renaming a folder if two share a name"
+                for k in sorted({k for k in keys if keys.count(k) > 1})]
     if b is None:
-        return []
-    problems = []
+        return problems + (["model.candidates: only a budgeted run chooses among source models; add a budget "
+                            "block or remove the candidates"] if m.candidates else [])
     if recipe.drop.method != "none":
         problems.append("drop: the budget search chooses what to drop; remove the drop counts")
     if recipe.drop.window is not None:
@@ -124,6 +128,8 @@ def path_problem(path) -> str | None:
 
 def _file_problems(recipe: Recipe) -> list[str]:
     listed = [("model.path", [recipe.model.path] if recipe.model.path is not None else []),
+              *((f"model.candidates[{i}].path", [c.path]) for i, c in enumerate(recipe.model.candidates)
+                if c.path is not None),
               ("calibration.files", recipe.calibration.files or []),
               ("heal.files", (recipe.heal.files or []) if recipe.heal else []),
               ("validate.files", recipe.validate_.files or []),
@@ -132,7 +138,7 @@ def _file_problems(recipe: Recipe) -> list[str]:
     for where, paths in listed:
         for p in paths:
             problem = path_problem(p)
-            if problem is None and where != "model.path" and not Path(p).is_file():
+            if problem is None and not where.startswith("model") and not Path(p).is_file():
                 problem = "is not a file"
             if problem:
                 problems.append(f"{where}: {p} {problem}")

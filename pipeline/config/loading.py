@@ -83,6 +83,10 @@ def _resolve_paths(data: dict, base: Path) -> dict:
             data[block] = {**section, key: resolve_path(value, base)}
         elif isinstance(value, list):
             data[block] = {**section, key: [resolve_path(p, base) if isinstance(p, str) else p for p in value]}
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("candidates"), list):
+        data["model"] = {**model, "candidates": [{**c, "path": resolve_path(c["path"], base)} if isinstance(
+            c, dict) and isinstance(c.get("path"), str) else c for c in model["candidates"]]}
     validate = data.get("validate")
     if isinstance(validate, dict) and isinstance(validate.get("targets"), list):
         data["validate"] = {**validate, "targets": [_resolve_target_paths(t, base) for t in validate["targets"]]}

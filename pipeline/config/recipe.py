@@ -19,7 +19,9 @@ from .quantize import QuantSpec
 from .targets import Target
 
 
-class ModelSpec(Block):
+class SourceSpec(Block):
+    """One source model: where its weights come from."""
+
     source: Literal["packaged", "hf", "gguf"] = Field(
         "packaged", description="packaged: a model shipped in a Python package; hf: a local Hugging Face "
         "folder (safetensors only); gguf: a local .gguf file.")
@@ -32,6 +34,22 @@ class ModelSpec(Block):
         if self.source in ("hf", "gguf") and self.path is None:
             raise ValueError(f"source '{self.source}' needs 'path' (a {'folder' if self.source == 'hf' else '.gguf file'})")
         return self
+
+    @property
+    def key(self) -> str:
+        """A short name for folders and records: the packaged name, or the file or folder name."""
+        return self.name if self.source == "packaged" else Path(self.path).name.removesuffix(".gguf")
+
+
+class ModelSpec(SourceSpec):
+    candidates: list[SourceSpec] = Field(
+        default_factory=list, description="Other source models a budgeted run may take each rung from (budget "
+        "block only): every model is searched for every rung it can reach, and each rung is the model whose "
+        "chosen structure has the fewest bits per byte of calibration text (per-byte, so tokenizers compare).")
+
+    def sources(self) -> list[SourceSpec]:
+        """This model, then its candidates."""
+        return [SourceSpec(source=self.source, name=self.name, path=self.path), *self.candidates]
 
 
 class CalibrationSpec(Block):
@@ -274,6 +292,10 @@ class Recipe(Block):
         "entries. A ladder makes one model per budget.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)  # `validate` shadows BaseModel.validate
+
+    def for_source(self, source: SourceSpec) -> "Recipe":
+        """This recipe with `source` as its only model: what each candidate of a budgeted run is searched with."""
+        return self.model_copy(update={"model": ModelSpec(**dict(source))})
 
     def resolved(self) -> dict:
         """The recipe with every default filled in, as plain YAML-able data."""

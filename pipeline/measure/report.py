@@ -172,8 +172,11 @@ def budget_section(b: BudgetChoice | None) -> list[str]:
              f"calibration text): attention dropped {list(b.attention_dropped) or 'none'}, MLP dropped "
              f"{list(b.mlp_dropped) or 'none'}; formats {', '.join(f'{n} x {k}' for k, n in sorted(formats.items()))} "
              f"({b.algorithm}; grid {b.grid} where not the source's blocks); KV cache {b.kv_cache}. Per-group "
-             "formats: budget.json.", "",
-             f"| at {b.context} tokens on {b.target} | predicted | measured | error |", "|---|---:|---:|---:|"]
+             "formats: budget.json.", ""]
+    if b.compared:
+        lines += [f"Source model: {b.model}, of the candidates' choices for this budget the fewest bits per byte of "
+                  f"calibration text ({', '.join(f'{k} {v:.4f}' for k, v in b.compared.items())}).", ""]
+    lines += [f"| at {b.context} tokens on {b.target} | predicted | measured | error |", "|---|---:|---:|---:|"]
     for label, key, fmt in (("file MB", "file_mb", "{:.2f}"), ("peak memory MB", "memory_mb", "{:.0f}"),
                             ("decode ms/token", "decode_ms", "{:.1f}")):
         p, m = b.predicted.get(key), b.measured.get(key)

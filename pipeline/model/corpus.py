@@ -326,3 +326,17 @@ def token_windows(tokenizer, texts: list[str], n: int, seq_len: int):
     windows = np.asarray(ids[: available * width], dtype=np.int64).reshape(available, width)
     starts = np.tile(np.asarray(start, np.int64), (n, 1))
     return np.concatenate([starts, windows[np.arange(n) * available // n]], axis=1)
+
+
+def bits_per_byte(perplexity: float, tokenizer, windows) -> float:
+    """Perplexity over `windows` (every token but each window's first scored, as `token_windows` are) as bits
+    per UTF-8 byte of the text those tokens spell: a figure that compares models whose tokenizers cut the same
+    text into different tokens."""
+    import math
+
+    import numpy as np
+
+    windows = np.asarray(windows)
+    spelled = sum(len(tokenizer.decode(w, skip_special_tokens=True).encode())
+                  - len(tokenizer.decode(w[:1], skip_special_tokens=True).encode()) for w in windows.tolist())
+    return math.log(perplexity) * windows[:, 1:].size / (math.log(2) * spelled)
