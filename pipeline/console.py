@@ -37,13 +37,14 @@ def progress(iterable=None, **kwargs):
 
 @contextmanager
 def stage(index: int, total: int, name: str, timings: dict | None = None):
-    """`[i/n] name ...` then `[i/n] name done in s`; the seconds also go into `timings[name]`."""
+    """`[i/n] name ...` then `[i/n] name done in s`; the seconds are also added to `timings[name]` (a stage run
+    once per source model counts its total)."""
     say(f"[{index}/{total}] {name} ...")
     start = time.perf_counter()
     yield
     seconds = time.perf_counter() - start
     if timings is not None:
-        timings[name] = round(seconds, 2)
+        timings[name] = round(timings.get(name, 0.0) + seconds, 2)
     say(f"[{index}/{total}] {name} done in {seconds:.1f} s")
 
 
