@@ -242,16 +242,21 @@ def test_eight_bit_groups_are_the_most_sensitive(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_genai_runs_the_fused_folder_like_onnxruntime(arch, tmp_path):
+    """genai's greedy tokens equal onnxruntime's, in a context (and KV buffer) of the file's max_length."""
+    import json
+
     from conftest import byte_level_bpe, synthetic_text
-    from pipeline.export.mobile import write_genai_folder
+    from pipeline.export.mobile import GENAI_CONFIG, write_genai_folder
 
     tokenizer = byte_level_bpe([synthetic_text(0)])
     model = drop_sublayers(tiny_model(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None), attention=[2], mlp=[])
     spec = SPEC.validate_python({"kind": "onnx-int4", "block_size": 16})
     for name, quantizer in (("fp32", None), ("int4", make_quantizer(spec, tied=True))):
-        path = export_fused(model, tmp_path / name, quantizer).path
+        path = export_fused(model, tmp_path / name, quantizer, max_length=48).path
         folder = write_genai_folder(path, model.config, tokenizer, tmp_path / f"genai-{name}")
+        config = json.loads((folder / GENAI_CONFIG).read_text())
+        assert config["model"]["context_length"] == config["search"]["max_length"] == 48
         prompt = tokenizer("the king speaks to his brave son", add_special_tokens=False)["input_ids"]
         _, want = greedy_trace(OnnxLM(path), np.array([prompt]), np.ones((1, len(prompt)), np.int64), 9)
         got, _ = genai_greedy(folder, prompt, 10)
