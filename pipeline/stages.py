@@ -234,14 +234,16 @@ def export(model, tokenizer, folder: Path, spec: ExportSpec) -> OnnxExport:
 def baseline_onnx(loaded, spec: ExportSpec) -> Path:
     """The undropped model's fp32 ONNX, written by the same exporter as the compressed model (so the report
     compares compression, not two graph layouts), once, and cached under a key of everything it depends on:
-    the weights, config.json, the graph kind, the exporter's code and the library versions."""
+    the weights, config.json, the graph kind, the rotary caches' length, the exporter's code and the library
+    versions."""
     from .export import fused, onnx
     from .model.assets import home
     from .rundir import library_versions, sha256_file, sha256_json, staged_folder
 
     exporter = fused if spec.graph == "fused" else onnx
     key = {"weights": loaded.source_sha256, "config": loaded.model.config.to_dict(), "graph": spec.graph,
-           "opset": spec.opset, "max_length": spec.max_length, "exporter": sha256_file(Path(exporter.__file__)), "libraries": library_versions()}
+           "opset": spec.opset, "max_length": spec.max_length, "exporter": sha256_file(Path(exporter.__file__)),
+           "libraries": library_versions()}
     folder = home() / "baselines" / sha256_json(key)[:24]
     if not (folder / "model.onnx").exists():
         with staged_folder(folder) as tmp:

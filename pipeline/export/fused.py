@@ -175,10 +175,10 @@ class _Writer:
     # ---------------------------------------------------------------- pieces
 
     def _gamma(self, module, name: str) -> tuple[str, float]:
-        """(the initializer of the norm's scale, offset + weight in fp32 as the module computes it; its epsilon)."""
+        """(the norm's scale as an initializer: offset + weight in fp32, as the module computes it; its epsilon)."""
         gamma = module.weight.detach().float().numpy() + np.float32(self.ad.norm_offset)
-        return self.g.const(f"{name}.weight", gamma), float(getattr(module, "variance_epsilon",
-                                                                      getattr(module, "eps", 1e-6)))
+        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        return self.g.const(f"{name}.weight", gamma), eps
 
     def _norm(self, module, name: str) -> str:
         """Normalise the residual stream (after adding the pending sublayer output) for the next sublayer."""

@@ -3,10 +3,10 @@ memory and decode time. Pure arithmetic on the model's shape (`ModelInfo`) and a
 kept, how each linear group is stored), so the budget search prices thousands of candidates without a file.
 
 File bytes mirror `pipeline.export.fused` initializer by initializer (packed codes, fp16 scales, zero points,
-GGUF offsets, the tied table stored once, norms, rotary caches (one pair per rotary base a kept layer reads, of
-`info.max_position_embeddings` rows: `ModelInfo.with_max_length` gives export.max_length's), the embedding
-scale, shape constants) plus the protobuf framing of initializers and nodes. Memory and decode time are linear in these figures with coefficients a target's
-calibration measured (`pipeline.measure.footprint`).
+GGUF offsets, the tied table stored once, norms, the embedding scale, shape constants, and a rotary cache pair
+per base a kept layer reads, of `info.max_position_embeddings` rows: `ModelInfo.with_max_length` gives
+export.max_length's) plus the protobuf framing of initializers and nodes. Memory and decode time are linear in
+these figures with coefficients a target's calibration measured (`pipeline.measure.footprint`).
 """
 
 from __future__ import annotations
