@@ -8,7 +8,7 @@ Nothing here imports a stage: configuration, stages and the CLI all read these t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -70,6 +70,12 @@ class ModelInfo(Artifact):
     source: str  # where the figures were read: "config.json of <folder>" or "GGUF metadata of <file>"
     fused_graph: bool = True  # the fused decoder export (export.graph: fused) can write this architecture
     biases: tuple[str, ...] = ()  # linear groups (qkv, o, gate_up, down) whose projections carry a bias
+    activation: str = "silu"  # the MLP activation
+    sliding_layers: tuple[int, ...] = ()  # layers attending within the config's sliding window
+
+    def with_max_length(self, max_length: int | None) -> "ModelInfo":
+        """The shape as exported with at most `max_length` positions (rotary caches, genai context); None: all."""
+        return self if max_length is None else replace(self, max_position_embeddings=max_length)
 
     @property
     def linear_input_widths(self) -> tuple[int, ...]:

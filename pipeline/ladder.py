@@ -35,7 +35,7 @@ def export_structure(pruned, structure, evaluator, recipe: Recipe, out: Path, to
     from .export.fused import export_fused
 
     path = export_fused(pruned, out, structure_weights(structure, evaluator), recipe.budget.search.accuracy_level,
-                        recipe.export.opset, kv_dtype=structure.kv_dtype).path
+                        recipe.export.opset, kv_dtype=structure.kv_dtype, max_length=recipe.export.max_length).path
     if tokenizer is not None:
         pruned.config.save_pretrained(out)
         tokenizer.save_pretrained(out)

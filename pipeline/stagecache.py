@@ -121,9 +121,9 @@ def score_key(recipe, source_sha256: str) -> dict:
 
 
 def export_key(recipe, source_sha256: str, folder: Path) -> dict:
-    """The pruned (or healed) model as saved in hf/, the graph kind and the opset."""
+    """The pruned (or healed) model as saved in hf/, the graph kind, the opset and the rotary caches' length."""
     return {"source": source_sha256, "model": folder_sha256(folder / "hf"), "graph": recipe.export.graph,
-            "opset": recipe.export.opset}
+            "opset": recipe.export.opset, "max_length": recipe.export.max_length}
 
 
 def quantize_key(recipe, source_sha256: str, folder: Path) -> dict:

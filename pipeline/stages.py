@@ -58,6 +58,8 @@ def preflight(recipe: Recipe) -> ModelInfo:
     infos = source_infos(recipe, problems)
     if not problems:
         problems += _overlap_problems(recipe)
+    if info is not None:  # the shape as exported: the budget prices rotary caches of export.max_length rows
+        info = info.with_max_length(recipe.export.max_length)
     if not problems and recipe.budget is not None:
         from .budget import budget_problems
 
@@ -231,7 +233,7 @@ def export(model, tokenizer, folder: Path, spec: ExportSpec) -> OnnxExport:
     if spec.graph == "fused":
         from .export.fused import export_fused
 
-        result = export_fused(model, folder, opset=spec.opset)
+        result = export_fused(model, folder, opset=spec.opset, max_length=spec.max_length)
         model.config.save_pretrained(folder)
     else:
         from .export.onnx import export_onnx
@@ -244,25 +246,30 @@ def export(model, tokenizer, folder: Path, spec: ExportSpec) -> OnnxExport:
 def baseline_onnx(loaded, spec: ExportSpec) -> Path:
     """The undropped model's fp32 ONNX, written by the same exporter as the compressed model (so the report
     compares compression, not two graph layouts), once, and cached under a key of everything it depends on:
-    the weights, config.json, the graph kind, the exporter's code and the library versions."""
+    the weights, config.json, the graph kind, the rotary caches' length, the exporter's code and the library
+    versions."""
     from .export import fused, onnx
     from .model.assets import home
     from .rundir import library_versions, sha256_file, sha256_json, staged_folder
 
     exporter = fused if spec.graph == "fused" else onnx
     key = {"weights": loaded.source_sha256, "config": loaded.model.config.to_dict(), "graph": spec.graph,
-           "opset": spec.opset, "exporter": sha256_file(Path(exporter.__file__)), "libraries": library_versions()}
+           "opset": spec.opset, "max_length": spec.max_length, "exporter": sha256_file(Path(exporter.__file__)),
+           "libraries": library_versions()}
     folder = home() / "baselines" / sha256_json(key)[:24]
     if not (folder / "model.onnx").exists():
         with staged_folder(folder) as tmp:
-            write = fused.export_fused if spec.graph == "fused" else onnx.export_onnx
-            write(loaded.model, tmp, opset=spec.opset)
+            if spec.graph == "fused":
+                fused.export_fused(loaded.model, tmp, opset=spec.opset, max_length=spec.max_length)
+            else:
+                onnx.export_onnx(loaded.model, tmp, opset=spec.opset)
             (tmp / "key.json").write_text(yaml.safe_dump(key, sort_keys=True))
     return folder / "model.onnx"
 
 
 def quantize(exported: OnnxExport, specs, folder: Path, pruned=None, loaded=None,
-             calibration: CalibrationSpec | None = None, opset: int = 18) -> dict[str, Path]:
+             calibration: CalibrationSpec | None = None, opset: int = 18,
+             max_length: int | None = None) -> dict[str, Path]:
     """One folder per quantised variant (`onnx-<name>/`), with the fp32 folder's config and tokenizer files.
     A fused graph is written again from the (pruned) model with quantised weights; an optimum graph is
     rewritten by onnxruntime's quantisers."""
@@ -278,7 +285,7 @@ def quantize(exported: OnnxExport, specs, folder: Path, pruned=None, loaded=None
                 gguf = GgufBlocks(loaded.gguf)
             if (spec.algorithm == "gptq" or spec.eight_bit_groups) and windows is None:
                 windows = calibration_windows(loaded.tokenizer, calibration)
-            variants[spec.name] = quantize_fused(spec, pruned, out, gguf, windows, opset).path
+            variants[spec.name] = quantize_fused(spec, pruned, out, gguf, windows, opset, max_length).path
         else:
             variants[spec.name] = quantize_onnx(exported.path, out, spec).path
         for extra in exported.path.parent.iterdir():
@@ -290,7 +297,8 @@ def quantize(exported: OnnxExport, specs, folder: Path, pruned=None, loaded=None
 SENSITIVITY_WINDOWS = 8  # calibration windows for the per-group KL (every group is measured on the same ones)
 
 
-def quantize_fused(spec, model, out: Path, gguf=None, windows=None, opset: int = 18) -> OnnxExport:
+def quantize_fused(spec, model, out: Path, gguf=None, windows=None, opset: int = 18,
+                   max_length: int | None = None) -> OnnxExport:
     """`model` as a fused graph quantised as `spec` says: GPTQ's Hessians and the sensitivities that pick the
     8-bit groups come from the calibration `windows`."""
     from .export.fused import export_fused
@@ -305,7 +313,7 @@ def quantize_fused(spec, model, out: Path, gguf=None, windows=None, opset: int =
         kl = group_sensitivity(model, quantizer, windows[:SENSITIVITY_WINDOWS], body, console.progress)
         eight = frozenset(sorted(body, key=kl.get, reverse=True)[:spec.eight_bit_groups])
         quantizer = make_quantizer(spec, tied(model), gguf, hessians, eight)
-    return export_fused(model, out, quantizer, spec.accuracy_level, opset)
+    return export_fused(model, out, quantizer, spec.accuracy_level, opset, max_length=max_length)
 
 
 def calibration_windows(tokenizer, spec: CalibrationSpec):
@@ -419,7 +427,8 @@ def _stages(recipe: Recipe, info: ModelInfo, tmp: Path, timings: dict, start: fl
     with stage("quantize", timings):
         variants = {"compressed": exported.path, **sc.cached(
             cache, "quantize", lambda: sc.quantize_key(recipe, loaded.source_sha256, tmp), tmp,
-            lambda: quantize(exported, recipe.quantize, tmp, pruned, loaded, recipe.calibration, recipe.export.opset),
+            lambda: quantize(exported, recipe.quantize, tmp, pruned, loaded, recipe.calibration, recipe.export.opset,
+                             recipe.export.max_length),
             dict[str, Path])}
     with stage("package", timings):
         packages = sc.cached(cache, "package", lambda: sc.package_key(recipe, loaded.source_sha256, tmp, variants),

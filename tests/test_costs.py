@@ -50,6 +50,17 @@ def test_predicted_file_size_is_within_one_percent_of_the_written_file(arch, tie
         assert costs.kv_bytes_per_token(info, s) == ort_runner.kv_bytes_per_token(OnnxLM(path))
 
 
+def test_rotary_caches_are_priced_at_the_export_max_length(tmp_path):
+    """Tiny Gemma 3 keeping a full and a sliding layer: two cache pairs, each of max_length rows."""
+    model = drop_sublayers(tiny_model("gemma3_text"), [0, 2], [])
+    info = info_from_config(model.config)
+    s = structure.Structure((False, True, False, True), (True,) * 4)
+    written = export_fused(model, tmp_path, max_length=32).path.stat().st_size
+    assert costs.file_bytes(info.with_max_length(32), s) == pytest.approx(written, rel=0.002)
+    saved = costs.file_bytes(info, s) - costs.file_bytes(info.with_max_length(32), s)
+    assert saved == 4 * ((256 - 32) * 8 * 4 + 1)  # cos and sin of both bases: 8 fp32 a row, a byte of dims
+
+
 def test_source_blocks_are_priced_as_the_gguf_stores_them(tmp_path):
     from test_fused import _gguf_copy
 

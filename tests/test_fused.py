@@ -18,7 +18,6 @@ from pipeline.export.policy import make_quantizer
 from pipeline.measure.ort_runner import OnnxLM, greedy_trace, perplexity
 from pipeline.measure.reference import compare_traces, torch_greedy_trace
 from pipeline.measure.torch_lm import TorchLM
-from pipeline.model.adapters import ADAPTERS
 from pipeline.model.calibration import fake_quantized, input_hessians
 from pipeline.model.groups import linear_groups
 from pipeline.model.prune import drop_sublayers
@@ -52,11 +51,34 @@ def test_pruned_fused_graph_matches_pytorch(arch, tmp_path):
         perplexity(TorchLM(model), windows)["perplexity"], rel=1e-5)
 
 
-@pytest.mark.parametrize("arch", sorted(a for a, ad in ADAPTERS.items() if not ad.fused_graph))
-def test_architectures_without_a_fused_layout_are_refused(arch, tmp_path):
-    with pytest.raises(ExportError, match=f"cannot write {arch} models.*export.graph: optimum"):
-        export_fused(tiny_model(arch), tmp_path)
+def test_gemma3_layers_read_their_kinds_rotary_base_and_window(tmp_path):
+    """Tiny Gemma 3 keeping a full layer (1, rope base 1e6) and a sliding one (3, base 100, window 4): each
+    GroupQueryAttention reads its kind's caches, capped at max_length, and the file decodes past the window like
+    PyTorch (its (1 + weight) norms, scaled embedding and tanh-GELU included)."""
+    import onnx
+
+    model = drop_sublayers(tiny_model("gemma3_text"), attention=[0, 2], mlp=[3])
+    path = export_fused(model, tmp_path, max_length=32).path
+    graph = onnx.load(str(path)).graph
+    read = [(n.input[7], n.input[8], onnx.helper.get_node_attr_value(n, "local_window_size"))
+            for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert read == [("cos_cache", "sin_cache", -1), ("cos_cache_local", "sin_cache_local", 4)]
+    assert {t.name: tuple(t.dims) for t in graph.initializer if "_cache" in t.name} == dict.fromkeys(
+        ("cos_cache", "sin_cache", "cos_cache_local", "sin_cache_local"), (32, 8))
+    stats, _ = _trace_error(model, path)  # prompts of up to 9 tokens and 6 decoded: past the window
+    assert stats.max_abs_error < 1e-4 and stats.top1_agreement == 1.0, stats
+
+
+@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0)])
+def test_logit_softcapping_is_refused_by_name(field, value, tmp_path):
+    with pytest.raises(ExportError, match=f"no layout for {field} .{value}.*export.graph: optimum"):
+        export_fused(tiny_model("gemma3_text", **{field: value}), tmp_path)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="max_length 257 exceeds the model's max_position_embeddings 256"):
+        export_fused(tiny_model("llama"), tmp_path, max_length=257)
 
 
 def test_fused_graph_has_one_attention_node_per_kept_layer_and_stores_the_table_once(tmp_path):
@@ -70,18 +92,20 @@ def test_fused_graph_has_one_attention_node_per_kept_layer_and_stores_the_table_
     assert len(tables) == 1  # the tied embedding, read by Gather and by the logits Gemm
 
 
-@pytest.mark.parametrize("entry", [
-    {"kind": "onnx-int4", "lm_head_bits": 4},
-    {"kind": "onnx-int4", "form": "asymmetric"},
-    {"kind": "onnx-int4", "form": "offset"},
-    {"kind": "onnx-int4", "algorithm": "hqq"},
-    {"kind": "onnx-int4", "algorithm": "gptq", "block_size": 16},
-    {"kind": "onnx-int8"},
+@pytest.mark.parametrize("arch, entry", [
+    ("llama", {"kind": "onnx-int4", "lm_head_bits": 4}),
+    ("llama", {"kind": "onnx-int4", "form": "asymmetric"}),
+    ("llama", {"kind": "onnx-int4", "form": "offset"}),
+    ("llama", {"kind": "onnx-int4", "algorithm": "hqq"}),
+    ("llama", {"kind": "onnx-int4", "algorithm": "gptq", "block_size": 16}),
+    ("llama", {"kind": "onnx-int8"}),
+    ("gemma3_text", {"kind": "onnx-int4", "lm_head_bits": 4, "form": "offset", "block_size": 16}),
 ])
-def test_quantised_file_computes_what_fake_quantisation_computes(entry, tmp_path):
+def test_quantised_file_computes_what_fake_quantisation_computes(arch, entry, tmp_path):
     """accuracy_level 1 dequantises to fp32 in the kernel, so the file and the fake-quantised PyTorch model run
-    the same weights: this is what lets the budget search judge formats without exporting."""
-    model = drop_sublayers(tiny_model("llama"), attention=[1], mlp=[])
+    the same weights: this is what lets the budget search judge formats without exporting. Gemma 3's table is
+    looked up quantised and then scaled, and read unscaled by the tied logits."""
+    model = drop_sublayers(tiny_model(arch), attention=[1], mlp=[])
     spec = SPEC.validate_python({**entry, "accuracy_level": 1})
     windows = np.random.default_rng(1).integers(3, 256, (4, 32))
     hessians = input_hessians(model, windows) if spec.algorithm == "gptq" else None
@@ -216,34 +240,43 @@ def test_eight_bit_groups_are_the_most_sensitive(tmp_path):
     assert eight == {*sorted(kl, key=kl.get, reverse=True)[:2], "embed"}  # and the table, at lm_head_bits 8
 
 
-def test_genai_runs_the_fused_folder_like_onnxruntime(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_genai_runs_the_fused_folder_like_onnxruntime(arch, tmp_path):
+    """genai's greedy tokens equal onnxruntime's, in a context (and KV buffer) of the file's max_length."""
+    import json
+
     from conftest import byte_level_bpe, synthetic_text
-    from pipeline.export.mobile import write_genai_folder
+    from pipeline.export.mobile import GENAI_CONFIG, write_genai_folder
 
     tokenizer = byte_level_bpe([synthetic_text(0)])
-    model = drop_sublayers(tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+    model = drop_sublayers(tiny_model(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None), attention=[2], mlp=[])
     spec = SPEC.validate_python({"kind": "onnx-int4", "block_size": 16})
     for name, quantizer in (("fp32", None), ("int4", make_quantizer(spec, tied=True))):
-        path = export_fused(model, tmp_path / name, quantizer).path
+        path = export_fused(model, tmp_path / name, quantizer, max_length=48).path
         folder = write_genai_folder(path, model.config, tokenizer, tmp_path / f"genai-{name}")
+        config = json.loads((folder / GENAI_CONFIG).read_text())
+        assert config["model"]["context_length"] == config["search"]["max_length"] == 48
         prompt = tokenizer("the king speaks to his brave son", add_special_tokens=False)["input_ids"]
         _, want = greedy_trace(OnnxLM(path), np.array([prompt]), np.ones((1, len(prompt)), np.int64), 9)
         got, _ = genai_greedy(folder, prompt, 10)
         assert got == want[0].tolist(), name
 
 
-def test_ort_format_takes_the_fused_quantised_graph(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_ort_format_takes_the_fused_quantised_graph(arch, tmp_path):
     from pipeline.export.mobile import ort_parity, to_ort_format
 
-    model = drop_sublayers(tiny_model("llama"), attention=[1], mlp=[])
+    model = drop_sublayers(tiny_model(arch), attention=[1], mlp=[])
     path = export_fused(model, tmp_path, make_quantizer(SPEC.validate_python({"kind": "onnx-int4"}), tied=True)).path
     ort = to_ort_format(path, tmp_path / "ort")
     assert ort.path.is_file() and "GroupQueryAttention" in ort.required_operators_config.read_text()
     assert ort_parity(path, ort.path, [[5, 9, 13, 17, 21]]).top1_agreement == 1.0
 
 
-def test_unsupported_activation_is_an_export_error(tmp_path):
-    model = tiny_model("llama", hidden_act="gelu")
-    with pytest.raises(ExportError, match="export.graph: optimum"):
-        export_fused(model, tmp_path)
+@pytest.mark.parametrize("arch, setting", [("llama", {"hidden_act": "gelu"}),
+                                           ("gemma3_text", {"hidden_activation": "relu"})])
+def test_unsupported_activation_is_an_export_error(arch, setting, tmp_path):
+    (name, value), = setting.items()
+    with pytest.raises(ExportError, match=f"not {name} '{value}'; export with export.graph: optimum"):
+        export_fused(tiny_model(arch, **setting), tmp_path)

@@ -108,18 +108,48 @@ def test_coreml_and_tied_table_problems_come_from_the_model_config():
 
 
 def test_fused_graph_of_an_architecture_it_cannot_write_is_refused_up_front():
+    import dataclasses
+
     from conftest import tiny_config
     from pipeline.model.loading import info_from_config
 
     gemma = info_from_config(tiny_config("gemma3_text"))
-    assert not gemma.fused_graph and info_from_config(tiny_config("qwen3")).fused_graph
+    assert gemma.fused_graph and gemma.activation == "gelu_pytorch_tanh" and gemma.sliding_layers == (0, 2, 3)
+    check_recipe(parse_recipe({"name": "x"}), gemma)
+    unwritable = dataclasses.replace(gemma, fused_graph=False)  # a family the fused graph has no layout for
     with pytest.raises(RecipeError, match=r"export.graph: fused cannot write gemma3_text models.*graph: optimum"):
-        check_recipe(parse_recipe({"name": "x"}), gemma)
+        check_recipe(parse_recipe({"name": "x"}), unwritable)
     for name in ("gemma3-270m", "gemma3-270m-sweep"):
-        check_recipe(load_recipe(f"recipes/{name}.yaml"), gemma)
+        check_recipe(load_recipe(f"recipes/{name}.yaml"), unwritable)
     with pytest.raises(RecipeError, match=r"budget: budgeted models are written as the fused decoder graph, which "
                                           r"has no layout for gemma3_text models; remove the budget block"):
-        check_recipe(parse_recipe({"name": "x", "budget": {"max_file_mb": 90, "context": 256}}), gemma)
+        check_recipe(parse_recipe({"name": "x", "budget": {"max_file_mb": 90, "context": 256}}), unwritable)
+
+
+def test_export_max_length_is_checked_against_the_model_graph_and_budget():
+    from conftest import tiny_config
+    from pipeline.model.loading import info_from_config
+
+    info = info_from_config(tiny_config("gemma3_text"))  # 256 positions
+    check_recipe(parse_recipe({"name": "x", "export": {"max_length": 256}}), info)
+    with pytest.raises(RecipeError) as e:
+        check_recipe(parse_recipe({"name": "x", "export": {"max_length": 257, "graph": "optimum"}}), info)
+    assert "export.max_length: 257 exceeds the model's max_position_embeddings 256; use at most 256" in str(e.value)
+    assert "export.max_length: only the fused graph has rotary caches" in str(e.value)
+    with pytest.raises(RecipeError, match=r"export.max_length: 128 positions cannot hold budget.context 128 plus 16 "
+                                          r"decoded tokens; use at least 144"):
+        check_recipe(parse_recipe({"name": "x", "export": {"max_length": 128},
+                                   "budget": {"max_file_mb": 90, "context": 128}}), info)
+
+
+def test_preflight_gives_the_shape_as_exported_with_max_length(tiny_project):
+    """What the budget prices (rotary caches) comes from preflight's ModelInfo: capped at export.max_length."""
+    from pipeline.stages import preflight
+
+    data = yaml.safe_load(tiny_project.read_text())
+    assert preflight(load_recipe(tiny_project)).max_position_embeddings == 256
+    tiny_project.write_text(yaml.safe_dump({**data, "export": {"max_length": 64}}))
+    assert preflight(load_recipe(tiny_project)).max_position_embeddings == 64
 
 
 def test_schema_is_strict_and_documented():

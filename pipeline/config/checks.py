@@ -174,8 +174,26 @@ def unready_targets(targets: list) -> list[str]:
 
 def model_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
     return [*_drop_problems(recipe, info), *_head_problems(recipe, info), *_fused_problems(recipe, info),
-            *coreml_problems(recipe.export.coreml, info), *_tied_table_problems(recipe, info),
-            *_budget_model_problems(recipe, info)]
+            *_max_length_problems(recipe, info), *coreml_problems(recipe.export.coreml, info),
+            *_tied_table_problems(recipe, info), *_budget_model_problems(recipe, info)]
+
+
+def _max_length_problems(recipe: Recipe, info: ModelInfo) -> list[str]:
+    """export.max_length: above the model's positions, on a graph without rotary caches, below a budget's context."""
+    length, b = recipe.export.max_length, recipe.budget
+    if length is None:
+        return []
+    problems = []
+    if recipe.export.graph != "fused":
+        problems.append("export.max_length: only the fused graph has rotary caches to cap (export.graph is "
+                        f"{recipe.export.graph!r}); set export.graph: fused or remove export.max_length")
+    if length > info.max_position_embeddings:
+        problems.append(f"export.max_length: {length} exceeds the model's max_position_embeddings "
+                        f"{info.max_position_embeddings}; use at most {info.max_position_embeddings}")
+    if b is not None and b.context + MEMORY_DECODE_STEPS > length:
+        problems.append(f"export.max_length: {length} positions cannot hold budget.context {b.context} plus "
+                        f"{MEMORY_DECODE_STEPS} decoded tokens; use at least {b.context + MEMORY_DECODE_STEPS}")
+    return problems
 
 
 def _fused_problems(recipe: Recipe, info: ModelInfo) -> list[str]:

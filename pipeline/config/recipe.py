@@ -209,6 +209,10 @@ class ExportSpec(Block):
         "should run. optimum: optimum's exporter (position_ids input, unfused ops), loadable by "
         "ORTModelForCausalLM.")
     opset: int = Field(18, ge=15, le=21, description="ONNX opset.")
+    max_length: int | None = Field(
+        None, ge=1, description="Most positions (prompt plus generated tokens) the fused graph serves: caps its "
+        "rotary caches (file size) and the onnxruntime-genai context_length / max_length (the KV buffer genai "
+        "allocates). null: the model's max_position_embeddings.")
     ort_format: bool = Field(False, description="Also write .ort files (onnxruntime mobile builds) for every ONNX "
                              "variant, with the required-operators config and the mobile usability verdict.")
     genai: bool = Field(False, description="Also write a folder per ONNX variant that onnxruntime-genai runs as is.")

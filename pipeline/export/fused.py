@@ -9,7 +9,9 @@ has nothing. Inputs: input_ids, attention_mask [batch, total length] (positions 
 padding), past_key_values.{i}.key/.value [batch, kv_heads_i, past, head_dim]; outputs: logits and
 present.{i}.key/.value. The KV cache is fp32, or fp16 with `kv_dtype="fp16"` (half the KV memory:
 GroupQueryAttention then runs in fp16 between Casts, with fp16 rotary caches). Quantised weights with GGUF Q4_1
-offsets get an exact fp32 correction: the input's per-block sums times the offsets.
+offsets get an exact fp32 correction: the input's per-block sums times the offsets. Family details come from the
+adapter row: norms scaling by (offset + weight), scaled embedding rows, the activation, and a second rotary base
+for sliding-window layers (Gemma 3).
 """
 
 from __future__ import annotations
@@ -21,13 +23,20 @@ import numpy as np
 
 from ..artifacts import OnnxExport
 from ..errors import ExportError
-from ..model.adapters import adapter_for, get_path
+from ..model.adapters import adapter_for, get_path, is_sliding
 from ..model.groups import linear_groups
 from ..model.window import sink_of, window_of
 from .weights import BlockQuant
 
 ONNX_NAME = "model.onnx"
-ACTIVATIONS = {"silu": "silu"}
+# MLP activation -> how the graph writes act(x); tanh-GELU is onnxruntime's FastGelu (Gelu's approximate
+# attribute needs opset 20).
+ACTIVATIONS = {
+    "silu": lambda g, x: g.op("Mul", [x, g.op("Sigmoid", [x])]),
+    "gelu_pytorch_tanh": lambda g, x: g.op("FastGelu", [x], domain="com.microsoft"),
+}
+# Config settings the graph has no layout for, refused when set (Gemma 3 270M has neither).
+UNSUPPORTED = ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention")
 # (group name such as "layers.3.qkv" or "lm_head", the parts' [N, K] fp32 weights, the parts' parameter names)
 # -> the group's BlockQuant, or None to keep it fp32.
 Quantizer = Callable[[str, list, list], "BlockQuant | None"]
@@ -73,9 +82,10 @@ KV_TYPES = ("fp32", "fp16")
 
 
 def export_fused(model, out_dir: Path, quantizer: Quantizer | None = None, accuracy_level: int = 4,
-                 opset: int = 18, kv_dtype: str = "fp32") -> OnnxExport:
+                 opset: int = 18, kv_dtype: str = "fp32", max_length: int | None = None) -> OnnxExport:
     """Write `out_dir/model.onnx` for `model` (not modified); quantised wherever `quantizer` says so, with a
-    KV cache of `kv_dtype` (fp32 or fp16)."""
+    KV cache of `kv_dtype` (fp32 or fp16) and rotary caches for `max_length` positions (None: the config's
+    max_position_embeddings)."""
     import onnx
     import torch
     from onnx import TensorProto, helper
@@ -86,14 +96,22 @@ def export_fused(model, out_dir: Path, quantizer: Quantizer | None = None, accur
     if not ad.fused_graph:
         raise ExportError(f"the fused export cannot write {config.model_type} models (their norms, activation or "
                           "rotary embeddings have no fused layout); export with export.graph: optimum")
-    act = ACTIVATIONS.get(getattr(config, "hidden_act", None))
-    if act is None:
+    activation = getattr(config, ad.activation, None)
+    if activation not in ACTIVATIONS:
         raise ExportError(f"the fused export supports the MLP activations {sorted(ACTIVATIONS)}, not "
-                          f"{config.hidden_act!r}; export with export.graph: optimum")
+                          f"{ad.activation} {activation!r}; export with export.graph: optimum")
+    for name in UNSUPPORTED:
+        if getattr(config, name, None):
+            raise ExportError(f"the fused export has no layout for {name} ({getattr(config, name)!r} in this "
+                              f"{config.model_type} config); export with export.graph: optimum")
     if kv_dtype not in KV_TYPES:
         raise ExportError(f"kv_dtype {kv_dtype!r} is not one of {KV_TYPES}")
+    positions = int(getattr(config, "max_position_embeddings", 4096))
+    if max_length is not None and max_length > positions:
+        raise ExportError(f"max_length {max_length} exceeds the model's max_position_embeddings {positions}")
     g = _Graph()
-    writer = _Writer(g, model, ad, quantizer or (lambda *a: None), accuracy_level, kv_dtype)
+    writer = _Writer(g, model, ad, quantizer or (lambda *a: None), accuracy_level, kv_dtype,
+                     max_length or positions, ACTIVATIONS[activation])
     with torch.no_grad():
         logits, kv = writer.decoder()
     if not kv:
@@ -126,9 +144,11 @@ class _Writer:
     """Walks the decoder layer by layer, keeping the residual stream and the sublayer output not yet added to it
     (SkipSimplifiedLayerNormalization adds it while normalising for the next sublayer)."""
 
-    def __init__(self, g: _Graph, model, ad, quantizer: Quantizer, accuracy_level: int, kv_dtype: str = "fp32"):
+    def __init__(self, g: _Graph, model, ad, quantizer: Quantizer, accuracy_level: int, kv_dtype: str,
+                 positions: int, activation):
         self.g, self.model, self.ad, self.quantizer, self.level = g, model, ad, quantizer, accuracy_level
-        self.half = kv_dtype == "fp16"
+        self.half, self.positions, self.activation = kv_dtype == "fp16", positions, activation
+        self._cos_sin = {}
         self.config = model.config
         self.residual, self.pending = None, None
         self.groups = linear_groups(model)
@@ -154,11 +174,16 @@ class _Writer:
 
     # ---------------------------------------------------------------- pieces
 
+    def _gamma(self, module, name: str) -> tuple[str, float]:
+        """(the norm's scale as an initializer: offset + weight in fp32, as the module computes it; its epsilon)."""
+        gamma = module.weight.detach().float().numpy() + np.float32(self.ad.norm_offset)
+        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        return self.g.const(f"{name}.weight", gamma), eps
+
     def _norm(self, module, name: str) -> str:
         """Normalise the residual stream (after adding the pending sublayer output) for the next sublayer."""
         g = self.g
-        gamma = g.const(f"{name}.weight", module.weight.detach().float().numpy())
-        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        gamma, eps = self._gamma(module, name)
         if self.pending is None:
             return g.op("SimplifiedLayerNormalization", [self.residual, gamma], axis=-1, epsilon=eps, stash_type=1)
         normed, _, _, self.residual = g.op("SkipSimplifiedLayerNormalization", [self.pending, self.residual, gamma],
@@ -169,9 +194,7 @@ class _Writer:
     def _post_norm(self, layer, name: str | None, x: str, label: str) -> str:
         if name is None:
             return x
-        module = getattr(layer, name)
-        gamma = self.g.const(f"{label}.weight", module.weight.detach().float().numpy())
-        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        gamma, eps = self._gamma(getattr(layer, name), label)
         return self.g.op("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=eps, stash_type=1)
 
     def _attention(self, layer, attn, index: int, slot: int) -> tuple[int, int]:
@@ -181,7 +204,7 @@ class _Writer:
         dim = attn.head_dim
         heads, kv_heads = projections[0].out_features // dim, projections[1].out_features // dim
         qkv = self._linear(x, f"layers.{index}.qkv")
-        cos, sin = self._rotary()
+        cos, sin = self._rotary(ad.rotary_local is not None and is_sliding(layer))
         window = window_of(attn)
         q_k_v = [qkv, "", ""]
         if ad.q_norm is not None:  # per-head RMSNorm of queries and keys before rotary (the CPU kernel has none)
@@ -212,11 +235,9 @@ class _Writer:
         flat = g.const("flat_heads_shape", np.array([0, 0, -1], np.int64))
         normed = []
         for name, x in ((self.ad.q_norm, q), (self.ad.k_norm, k)):
-            module = getattr(attn, name)
-            eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
-            y = g.op("SimplifiedLayerNormalization", [g.op("Reshape", [x, per_head]), g.const(
-                f"layers.{index}.{name}.weight", module.weight.detach().float().numpy())], axis=-1, epsilon=eps,
-                stash_type=1)
+            gamma, eps = self._gamma(getattr(attn, name), f"layers.{index}.{name}")
+            y = g.op("SimplifiedLayerNormalization", [g.op("Reshape", [x, per_head]), gamma], axis=-1, epsilon=eps,
+                     stash_type=1)
             normed.append(g.op("Reshape", [y, flat]))
         return [*normed, v]
 
@@ -228,7 +249,7 @@ class _Writer:
         both = self._linear(x, f"layers.{index}.gate_up")
         a, b = g.op("Split", [both, g.const(f"layers.{index}.split", np.array(
             [gate.out_features, up.out_features], np.int64))], 2, axis=-1)
-        hidden = g.op("Mul", [g.op("Mul", [a, g.op("Sigmoid", [a])]), b])  # silu(gate) * up
+        hidden = g.op("Mul", [self.activation(g, a), b])  # act(gate) * up
         out = self._linear(hidden, f"layers.{index}.down")
         self.pending = self._post_norm(layer, ad.mlp_post_norm, out, f"layers.{index}.mlp_post_norm")
 
@@ -274,27 +295,36 @@ class _Writer:
                 f"/blocksum_axis_{len(self.block_sums)}", np.array([-1], np.int64))], keepdims=0)
         return self.block_sums[key]
 
-    def _rotary(self) -> tuple[str, str]:
-        """cos/sin caches [max positions, head_dim / 2] from the model's own rotary module (so its theta and any
-        scaling are taken as they are), written once."""
-        if not hasattr(self, "_cos_sin"):
+    def _rotary(self, local: bool) -> tuple[str, str]:
+        """cos/sin caches [positions, head_dim / 2] from the model's own rotary module (so its theta and any
+        scaling are taken as they are), the local one for sliding layers of a model with two bases; each
+        written once, when a kept layer first uses it."""
+        if local not in self._cos_sin:
             import torch
 
-            rotary = get_path(self.model, self.ad.rotary)
-            length = int(getattr(self.config, "max_position_embeddings", 4096))
-            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(length)[None])
-            half, dtype = cos.shape[-1] // 2, np.float16 if self.half else np.float32
-            self._cos_sin = (self.g.const("cos_cache", cos[0, :, :half].float().numpy().astype(dtype)),
-                             self.g.const("sin_cache", sin[0, :, :half].float().numpy().astype(dtype)))
-        return self._cos_sin
+            rotary = get_path(self.model, self.ad.rotary_local if local else self.ad.rotary)
+            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.arange(self.positions)[None])
+            half, dtype, suffix = cos.shape[-1] // 2, np.float16 if self.half else np.float32, "_local" * local
+            self._cos_sin[local] = (
+                self.g.const(f"cos_cache{suffix}", cos[0, :, :half].float().numpy().astype(dtype)),
+                self.g.const(f"sin_cache{suffix}", sin[0, :, :half].float().numpy().astype(dtype)))
+        return self._cos_sin[local]
 
     def _embedding(self) -> str:
+        """The rows of input_ids, times the module's scale where it has one (the tied logits read the table
+        unscaled)."""
         g = self.g
-        table = get_path(self.model, self.ad.embed).weight.detach().float().numpy()
+        embed = get_path(self.model, self.ad.embed)
+        table = embed.weight.detach().float().numpy()
         self.table = self.quantizer("embedding", [table], [self.ad.embed])
         if self.table is None:
-            return g.op("Gather", [g.const("embed.weight", table), "input_ids"])
-        return self._gather_quantised(self.table)
+            rows = g.op("Gather", [g.const("embed.weight", table), "input_ids"])
+        else:
+            rows = self._gather_quantised(self.table)
+        if not self.ad.embed_scale:
+            return rows
+        scale = embed.embed_scale.to(embed.weight.dtype).float().numpy()  # in the weights' dtype, as the module
+        return g.op("Mul", [rows, g.const("embed_scale", scale)])
 
     def _tied(self) -> bool:
         return "lm_head" not in self.groups

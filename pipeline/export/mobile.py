@@ -218,6 +218,12 @@ def _kv_layout(graph) -> tuple[int, int, int]:
     return len(past), max(d[1].dim_value for d in dims), dims[0][3].dim_value
 
 
+def _rotary_rows(graph) -> list[int]:
+    """Positions of the rotary caches GroupQueryAttention reads (a fused graph's export.max_length), if any."""
+    caches = {n.input[7] for n in graph.node if n.op_type == "GroupQueryAttention" and len(n.input) > 7}
+    return [t.dims[0] for t in graph.initializer if t.name in caches]
+
+
 def genai_config(graph, model_config, tokenizer, filename: str) -> dict:
     """onnxruntime-genai's config for an optimum-layout decoder graph, search defaulting to greedy.
 
@@ -232,7 +238,7 @@ def genai_config(graph, model_config, tokenizer, filename: str) -> dict:
         inputs["position_ids"] = "position_ids"
     eos = model_config.eos_token_id if model_config.eos_token_id is not None else tokenizer.eos_token_id
     pad = next((t for t in (model_config.pad_token_id, tokenizer.pad_token_id, eos) if t is not None), 0)
-    context = int(getattr(model_config, "max_position_embeddings", 2048))
+    context = min([int(getattr(model_config, "max_position_embeddings", 2048)), *_rotary_rows(graph)])
     decoder = {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []}, "filename": filename,
                "head_size": head_size, "hidden_size": model_config.hidden_size, "inputs": inputs,
                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",

@@ -30,8 +30,11 @@ class Adapter:
     rope_keywords: tuple[str, str] = ("position_embeddings", "position_embeddings")
     layer_returns_tuple: bool = False  # the decoder layer returns (hidden_states,) rather than the tensor
     mixed_attention: bool = False  # configs mixing sliding and full layers are supported (and tested)
-    # pipeline/export/fused.py writes this family: plain RMSNorm weights, SiLU-gated MLP, one rotary base.
+    # pipeline/export/fused.py writes this family (it refuses activations and settings it has no layout for).
     fused_graph: bool = True
+    norm_offset: float = 0.0  # RMSNorms scale by (offset + weight): Gemma's by (1 + weight)
+    embed_scale: bool = False  # the embedding module multiplies its rows by its `embed_scale` buffer (Gemma)
+    activation: str = "hidden_act"  # the config attribute naming the MLP activation
     # A sublayer is (norm before it, the module, norm after it or None); the residual is added after.
     attention: str = "self_attn"
     attention_norm: str = "input_layernorm"
@@ -44,7 +47,7 @@ class Adapter:
     k_proj: str = "k_proj"
     v_proj: str = "v_proj"
     o_proj: str = "o_proj"
-    q_norm: str | None = None  # per-head RMSNorm of queries and keys before rotary (Qwen3)
+    q_norm: str | None = None  # per-head RMSNorm of queries and keys before rotary (Qwen3, Gemma 3)
     k_norm: str | None = None
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
@@ -89,14 +92,15 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2": Adapter("qwen2", gguf_arch="qwen2", biases=("qkv",)),
     "qwen3": Adapter("qwen3", gguf_arch="qwen3", q_norm="q_norm", k_norm="k_norm"),
     # Gemma 3: norms before and after each sublayer ("post_attention_layernorm" is the attention's post-norm
-    # here, not the MLP's pre-norm), embeddings scaled inside embed_tokens, sliding and full layers interleaved.
-    # Its (1 + weight) norms, GELU MLP and two rotary bases are not in the fused graph: export.graph optimum.
+    # here, not the MLP's pre-norm), (1 + weight) norms, per-head q/k norms, embeddings scaled inside
+    # embed_tokens, a tanh-GELU MLP, sliding and full layers interleaved on two rotary bases.
     "gemma3_text": Adapter(
         "gemma3_text", gguf_arch="gemma3", attention_post_norm="post_attention_layernorm",
         mlp_norm="pre_feedforward_layernorm", mlp_post_norm="post_feedforward_layernorm",
         rotary_local="model.rotary_emb_local",
         rope_keywords=("position_embeddings_global", "position_embeddings_local"),
-        layer_returns_tuple=True, mixed_attention=True, fused_graph=False),
+        layer_returns_tuple=True, mixed_attention=True, norm_offset=1.0, embed_scale=True,
+        activation="hidden_activation", q_norm="q_norm", k_norm="k_norm"),
 }
 
 

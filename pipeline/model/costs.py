@@ -3,9 +3,10 @@ memory and decode time. Pure arithmetic on the model's shape (`ModelInfo`) and a
 kept, how each linear group is stored), so the budget search prices thousands of candidates without a file.
 
 File bytes mirror `pipeline.export.fused` initializer by initializer (packed codes, fp16 scales, zero points,
-GGUF offsets, the tied table stored once, norms, rotary caches, shape constants) plus the protobuf framing of
-initializers and nodes. Memory and decode time are linear in these figures with coefficients a target's
-calibration measured (`pipeline.measure.footprint`).
+GGUF offsets, the tied table stored once, norms, the embedding scale, shape constants, and a rotary cache pair
+per base a kept layer reads, of `info.max_position_embeddings` rows: `ModelInfo.with_max_length` gives
+export.max_length's) plus the protobuf framing of initializers and nodes. Memory and decode time are linear in
+these figures with coefficients a target's calibration measured (`pipeline.measure.footprint`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .structure import KV_BYTES, TABLE, Format, Structure, group_shape
 NODE_BYTES = {"": 74, "MatMulNBits": 238, "GroupQueryAttention": 366, "SkipSimplifiedLayerNormalization": 371,
               "SimplifiedLayerNormalization": 215, "GatherBlockQuantized": 206, "ReduceSum": 105, "Reshape": 94,
               "Split": 109, "MatMul": 78, "Cast": 75}
+# Nodes writing act(gate) (pipeline.export.fused.ACTIVATIONS): Sigmoid and Mul, or FastGelu.
+ACTIVATION_NODES = {"silu": 2, "gelu_pytorch_tanh": 1}
 IO_BYTES = 75     # one graph input or output: name, element type, symbolic shape
 GRAPH_BYTES = 60  # model and graph headers, opset imports
 
@@ -64,18 +67,23 @@ def file_bytes(info: ModelInfo, s: Structure) -> int:
     t.op(count=5)  # Sub, Cast, Shape, Gather, Cast: the mask's sequence lengths and total length
     table = s.formats.get(TABLE)
     _table(t, info, table)
-    ad, h, first = ADAPTERS[info.model_type], info.hidden_size, True
+    ad, h, first, rotary = ADAPTERS[info.model_type], info.hidden_size, True, set()
+    if ad.embed_scale:
+        t.init("embed_scale", ())
+        t.op()  # Mul
     for i in range(info.num_layers):
         if s.attention[i]:
-            _attention(t, info, s, i, ad, first)
+            local = ad.rotary_local is not None and i in info.sliding_layers
+            _attention(t, info, s, i, ad, first, local not in rotary, "_local" * local)
             first = False
+            rotary.add(local)
         if s.mlp[i]:
             t.init(f"layers.{i}.mlp_norm.weight", (h,))
             t.op("SkipSimplifiedLayerNormalization")
             _linear(t, info, s, f"layers.{i}.gate_up")
             t.init(f"layers.{i}.split", (2,), 8)
             t.op("Split")
-            t.op(count=3)  # Sigmoid, Mul, Mul
+            t.op(count=ACTIVATION_NODES[info.activation] + 1)  # act(gate), times up
             _linear(t, info, s, f"layers.{i}.down")
             _post_norm(t, ad.mlp_post_norm, f"layers.{i}.mlp_post_norm", h)
     t.init("final_norm.weight", (h,))
@@ -91,14 +99,15 @@ def _post_norm(t: _Tally, name: str | None, label: str, h: int) -> None:
         t.op("SimplifiedLayerNormalization")
 
 
-def _attention(t: _Tally, info: ModelInfo, s: Structure, i: int, ad, first: bool) -> None:
+def _attention(t: _Tally, info: ModelInfo, s: Structure, i: int, ad, first: bool, new_rotary: bool,
+               suffix: str) -> None:
     h, d = info.hidden_size, info.head_dim
     t.init(f"layers.{i}.attention_norm.weight", (h,))
     t.op("SkipSimplifiedLayerNormalization")
     _linear(t, info, s, f"layers.{i}.qkv")
-    if first:  # written once, in the KV precision (GroupQueryAttention's float type)
+    if new_rotary:  # each base's pair written once, in the KV precision (GroupQueryAttention's float type)
         for name in ("cos_cache", "sin_cache"):
-            t.init(name, (info.max_position_embeddings, d // 2), KV_BYTES[s.kv_dtype])
+            t.init(name + suffix, (info.max_position_embeddings, d // 2), KV_BYTES[s.kv_dtype])
     if ad.q_norm is not None:
         t.init(f"layers.{i}.qkv_split", (3,), 8)
         if first:

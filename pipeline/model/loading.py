@@ -141,12 +141,16 @@ def info_from_config(config, source: str = "config") -> ModelInfo:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab_size=config.vocab_size,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)), source=source,
-        biases=tuple(sorted(biases)), fused_graph=adapter.fused_graph)
+        biases=tuple(sorted(biases)), fused_graph=adapter.fused_graph,
+        activation=getattr(config, adapter.activation, "silu"),
+        sliding_layers=tuple(i for i, kind in enumerate(getattr(config, "layer_types", None) or ())
+                             if kind == "sliding_attention"))
 
 
 def gguf_model_info(path: Path) -> ModelInfo:
     """ModelInfo from a GGUF file's metadata (tensors are not read); unsupported architectures fail here."""
     from gguf import GGUFReader
+    from transformers import AutoConfig
 
     from .adapters import ADAPTERS, model_type_for_gguf
 
@@ -162,15 +166,19 @@ def gguf_model_info(path: Path) -> ModelInfo:
     heads = int(get(f"{arch}.attention.head_count"))
     hidden = int(get(f"{arch}.embedding_length"))
     tensors = {t.name for t in reader.tensors}
+    layers = int(get(f"{arch}.block_count"))
+    # what the GGUF does not state (activation, which layers slide) is transformers' default, as its loader does
+    defaults = info_from_config(AutoConfig.for_model(model_type, num_hidden_layers=layers))
     return ModelInfo(
-        model_type=model_type, num_layers=int(get(f"{arch}.block_count")), hidden_size=hidden,
+        model_type=model_type, num_layers=layers, hidden_size=hidden,
         intermediate_size=int(get(f"{arch}.feed_forward_length")), num_heads=heads,
         num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(get(f"{arch}.attention.key_length", hidden // heads)),
         vocab_size=len(get("tokenizer.ggml.tokens")), tie_word_embeddings="output.weight" not in tensors,
         max_position_embeddings=int(get(f"{arch}.context_length", 2048)), source=f"GGUF metadata of {path}",
         biases=tuple(group for group, tensor in GGUF_BIASES.items() if f"blk.0.{tensor}.bias" in tensors),
-        fused_graph=ADAPTERS[model_type].fused_graph)
+        fused_graph=ADAPTERS[model_type].fused_graph, activation=defaults.activation,
+        sliding_layers=defaults.sliding_layers)
 
 
 # A bias tensor of the first block in GGUF naming -> the linear group it belongs to.
