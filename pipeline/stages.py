@@ -58,8 +58,6 @@ def preflight(recipe: Recipe) -> ModelInfo:
     infos = source_infos(recipe, problems)
     if not problems:
         problems += _overlap_problems(recipe)
-    if info is not None:  # the shape as exported: the budget prices rotary caches of export.max_length rows
-        info = info.with_max_length(recipe.export.max_length)
     if not problems and recipe.budget is not None:
         from .budget import budget_problems
 
@@ -70,8 +68,9 @@ def preflight(recipe: Recipe) -> ModelInfo:
 
 
 def source_infos(recipe: Recipe, problems: list[str]) -> dict[str, ModelInfo]:
-    """The figures of the model and of each candidate, by `SourceSpec.key`; what cannot be read or does not fit
-    the recipe is added to `problems` (a candidate's prefixed with its key)."""
+    """The figures of the model and of each candidate as exported (positions capped at export.max_length), by
+    `SourceSpec.key`; what cannot be read or does not fit the recipe is added to `problems` (a candidate's
+    prefixed with its key)."""
     from .model.loading import read_model_info
 
     infos, several = {}, bool(recipe.model.candidates)
@@ -84,8 +83,9 @@ def source_infos(recipe: Recipe, problems: list[str]) -> dict[str, ModelInfo]:
         except ModelError as e:
             problems.append(f"{where}: {e}")
             continue
-        infos[spec.key] = info
         problems += [f"{spec.key}: {p}" if several else p for p in model_problems(recipe.for_source(spec), info)]
+        # the shape as exported: the budget prices rotary caches of export.max_length rows
+        infos[spec.key] = info.with_max_length(recipe.export.max_length)
     return infos
 
 
