@@ -159,8 +159,10 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
 def search_starts(space: Space, limits: dict, error, uniform: list) -> list:
     """The candidates a rung's search may start from: greedy descents from the most accurate structure and
     from every uniform baseline (a uniform choice just over the limit is often a few cheap steps from the best
-    fit), and the uniform choices that fit as they are; each once, all within `limits`."""
-    starts = [space.greedy(c, limits, error) for c in (space.most_accurate(), *uniform)] + list(uniform)
+    fit), the greedy climb from the smallest structure, and the uniform choices that fit as they are; each once,
+    all within `limits`."""
+    origins = (space.most_accurate(), space.smallest(), *uniform)
+    starts = [space.greedy(c, limits, error) for c in origins] + list(uniform)
     return list({space.key(c): c for c in starts if space.fits(c, limits)}.values())
 
 

@@ -14,7 +14,7 @@ from pipeline.artifacts import FootprintCalibration, FootprintPoint
 from pipeline.export.fused import export_fused
 from pipeline.export.policy import format_quantizer
 from pipeline.measure import ort_runner
-from pipeline.measure.footprint import fit
+from pipeline.measure.footprint import FLOORS, fit
 from pipeline.measure.ort_runner import OnnxLM
 from pipeline.model import costs, structure
 from pipeline.model.loading import info_from_config
@@ -95,9 +95,9 @@ def test_block_padding_is_paid_for():
 
 def test_calibration_fit_recovers_linear_costs_per_kv_precision():
     """Points made from known coefficients, different for each KV precision, are fitted back; a slope that noise
-    makes negative is held at 0."""
+    makes negative is held at 0, and a filled KV cache costs at least its own bytes."""
     rng = np.random.default_rng(0)
-    truth = {kv: ({k: rng.uniform(0.5, 3) for k in costs.MEMORY_FEATURES},
+    truth = {kv: ({k: rng.uniform(0.5, 3) + FLOORS.get(k, 0.0) for k in costs.MEMORY_FEATURES},
                   {k: rng.uniform(0.5, 3) for k in costs.DECODE_FEATURES}) for kv in ("fp32", "fp16")}
     points = []
     for i in range(18):
@@ -115,8 +115,10 @@ def test_calibration_fit_recovers_linear_costs_per_kv_precision():
     assert got.memory_mb(f, "fp16") != pytest.approx(got.memory_mb(f, "fp32"))
     assert FootprintCalibration.from_json(got.to_json()) == got
     flat = [FootprintPoint(label=p.label, kv_dtype=p.kv_dtype, file_bytes=0, features=p.features,
-                           peak_rss_mb=100 - p.features["kv_mib"], decode_ms=1.0) for p in points]
-    assert fit(flat, "host", 64, 2, "x", 0.0).memory["fp16"]["kv_mib"] == 0.0
+                           peak_rss_mb=100 - p.features["kv_mib"] - p.features["blocks_m"], decode_ms=1.0)
+            for p in points]
+    held = fit(flat, "host", 64, 2, "x", 0.0).memory["fp16"]
+    assert held["kv_mib"] == 1.0 and held["blocks_m"] == 0.0
 
 
 def test_protocol_constants_agree():

@@ -3,15 +3,17 @@ plan, the evolutionary loop's reproducibility and selection, the frontier, and t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from pipeline.artifacts import ModelInfo
 from pipeline.budget import budget_problems, frontier, search_starts
 from pipeline.config.loading import parse_recipe
-from pipeline.model.structure import TABLE, Format
+from pipeline.model.structure import GGUF_FORMATS, TABLE, Format, quant_format
 from pipeline.model.evopress import evolve
-from pipeline.model.space import build_space
+from pipeline.model.space import Space, build_space
 
 INFO = ModelInfo(model_type="llama", num_layers=6, hidden_size=128, intermediate_size=256, num_heads=4,
                  num_kv_heads=2, head_dim=32, vocab_size=2048, tie_word_embeddings=True, max_position_embeddings=512,
@@ -111,6 +113,20 @@ def test_search_starts_descend_from_every_uniform_baseline_and_all_fit():
     from_uniform, from_top = space.greedy(four_bit, limits, error), space.greedy(space.most_accurate(), limits, error)
     assert space.key(from_uniform) in keys and error(from_uniform) < error(from_top)
     assert min(error(c) for c in starts) == error(from_uniform)
+
+
+def test_greedy_steps_through_a_level_that_saves_nothing_and_the_smallest_is_always_a_start():
+    """A table whose second level costs what its first does (a source format next to its own kind): the descent
+    goes on to the 4-bit level behind it rather than stopping over the limit."""
+    levels = (quant_format(8, 32, "offset"), GGUF_FORMATS["Q8_0"], quant_format(8, 128, "offset"),
+              quant_format(4, 32, "offset"))
+    space = Space(INFO, {TABLE: levels}, ("fp32",), False, False, 128)
+    top, error = space.most_accurate(), (lambda c: float(sum(c.levels)))
+    source, after = (space.footprint(replace(top, levels=(i,))).file_mb for i in (1, 2))
+    assert after >= source  # the step after the source's blocks saves nothing
+    limits = {"max_file_mb": space.footprint(space.smallest()).file_mb}
+    assert space.greedy(top, limits, error) == space.smallest()
+    assert search_starts(space, limits, error, []) == [space.smallest()]
 
 
 def test_evolution_is_reproducible_with_a_seed_and_never_worse_than_its_start():

@@ -37,6 +37,10 @@ FILES = {"4-bit": (4, 32, "symmetric", 4, "symmetric", False),
          "4-bit, half the attention": (4, 32, "symmetric", 4, "symmetric", True)}
 
 
+# The least a feature's MiB can cost at the peak: a filled KV cache is resident at least once.
+FLOORS = {"kv_mib": 1.0}
+
+
 def calibration(info: ModelInfo, target, context: int, threads: int) -> FootprintCalibration:
     """The target's calibration for this model shape and context, measured on first use."""
     import onnxruntime
@@ -45,8 +49,9 @@ def calibration(info: ModelInfo, target, context: int, threads: int) -> Footprin
     key = {"target": target.model_dump(mode="json"), "shape": shape, "context": context, "threads": threads,
            "onnxruntime": onnxruntime.__version__, "runner": sha256_file(RUNNER), "files": FILES, "kv": list(KV_BYTES)}
     folder = home() / "footprint" / sha256_json(key)[:20]
-    if (folder / FootprintCalibration.filename).is_file():
-        return FootprintCalibration.read(folder)
+    if (folder / FootprintCalibration.filename).is_file():  # refitted: the points are the measurement
+        c = FootprintCalibration.read(folder)
+        return fit(list(c.points), c.target, c.context, c.threads, c.onnxruntime, c.seconds)
     console.say(f"budget: measuring {target.name}'s memory and decode time for this model shape at {context} "
                 "tokens (once; cached) ...")
     start = time.perf_counter()
@@ -132,11 +137,13 @@ def synthetic_quantizer(formats: dict, seed: int = 0):
 
 def fit(points: list[FootprintPoint], target: str, context: int, threads: int, ort: str,
         seconds: float) -> FootprintCalibration:
-    """Least-squares coefficients over the cost model's features for each KV precision the points cover, slopes
-    kept non-negative (a negative one is noise and is fixed at 0)."""
+    """Least-squares coefficients over the cost model's features for each KV precision the points cover, each
+    slope kept at or above its floor (below it is noise: a negative slope, or a filled KV cache that costs less
+    than its own bytes, since the files' KV sizes vary only with the half-attention point)."""
     def solve(names, measured, kv):
         own = [p for p in points if p.kv_dtype == kv]
-        return dict(zip(names, _nonnegative([[p.features[k] for k in names] for p in own], [measured(p) for p in own])))
+        rows = [[p.features[k] for k in names] for p in own]
+        return dict(zip(names, _bounded(rows, [measured(p) for p in own], [FLOORS.get(k, 0.0) for k in names])))
     kvs = sorted({p.kv_dtype for p in points})
     return FootprintCalibration(
         target=target, context=context, threads=threads, onnxruntime=ort, points=tuple(points),
@@ -144,16 +151,19 @@ def fit(points: list[FootprintPoint], target: str, context: int, threads: int, o
         decode={kv: solve(DECODE_FEATURES, lambda p: p.decode_ms, kv) for kv in kvs}, seconds=round(seconds, 1))
 
 
-def _nonnegative(rows, values) -> list[float]:
-    a, y = np.asarray(rows, float), np.asarray(values, float)
-    free = list(range(a.shape[1]))
+def _bounded(rows, values, floors) -> list[float]:
+    """Least squares with every coefficient but the first (the intercept) at or above its floor: a coefficient
+    below it is fixed there and the rest refitted, until none is."""
+    a, floor = np.asarray(rows, float), np.asarray(floors, float)
+    y, free = np.asarray(values, float), list(range(a.shape[1]))
     while True:
-        coef = np.zeros(a.shape[1])
-        coef[free] = np.linalg.lstsq(a[:, free], y, rcond=None)[0]
-        negative = [j for j in free[1:] if coef[j] < 0]
-        if not negative:
+        coef = floor.copy()
+        coef[free] = 0.0
+        coef[free] = np.linalg.lstsq(a[:, free], y - a @ coef, rcond=None)[0]
+        low = [j for j in free[1:] if coef[j] < floor[j]]
+        if not low:
             return [float(c) for c in coef]
-        free.remove(negative[0])
+        free.remove(low[0])
 
 
 def resolve_target(name: str, targets: list):

@@ -182,16 +182,16 @@ class Space:
         c = start
         while not self.fits(c, limits):
             here, err = self.violation(c, limits), error(c)
-            best, best_gain = None, -1.0
+            steps = []
             for m in self.moves(c, 1):
-                nxt = self.apply(c, m)
-                relief = here - self.violation(nxt, limits)
-                gain = relief / max(error(nxt) - err, 1e-12)
-                if relief > 0 and gain > best_gain:
-                    best, best_gain = nxt, gain
-            if best is None:
+                n = self.apply(c, m)
+                steps.append((here - self.violation(n, limits), error(n) - err, n))
+            if not steps:
                 return c
-            c = best
+            relieving = [(relief / max(cost, 1e-12), n) for relief, cost, n in steps if relief > 0]
+            # a step that relieves nothing can open one that does (the next level of a gene may cost what this
+            # one does, as a source format does next to its own kind); every step compresses, so this ends
+            c = max(relieving, key=lambda o: o[0])[1] if relieving else max(steps, key=lambda o: (o[0], -o[1]))[2]
         while True:
             err = error(c)
             options = [(error(n), n) for m in self.moves(c, -1) if self.fits(n := self.apply(c, m), limits)]
