@@ -133,7 +133,9 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
     for name, limits in recipe.budget.rungs():
         lim = limits.limits()
         if not reachable(space, lim):  # another source model's (the checks refuse a budget none can reach)
-            console.say(f"budget {name}: out of {loaded.description}'s reach; not searched")
+            fp = space.footprint(space.smallest())
+            least = ", ".join(f"{LABELS[k]} {getattr(fp, FIGURE[k]):.1f} {UNITS[k]}" for k in lim)
+            console.say(f"budget {name}: out of {recipe.model.key}'s reach (its smallest: {least}); not searched")
             continue
         started, generations = time.perf_counter(), log.generations
         starts = search_starts(space, lim, error, uniform)
@@ -148,12 +150,16 @@ def search(recipe: Recipe, loaded, info: ModelInfo, scores: Scores, windows: np.
             bar.close()
         chosen[name] = best
         console.say(f"budget {name}: KL {log.scores[space.key(best)][steps[-1][0]]:.4f} (start "
-                    f"{log.scores[space.key(seed)][steps[-1][0]]:.4f}; {len(starts)} starts scored in "
-                    f"{scored - started:.0f} s, {log.generations - generations} generations in "
+                    f"{log.scores[space.key(seed)][steps[-1][0]]:.4f}; {_count(len(starts), 'start')} scored in "
+                    f"{scored - started:.0f} s, {_count(log.generations - generations, 'generation')} in "
                     f"{time.perf_counter() - scored:.0f} s); {space.describe(best)}")
     kl = {name: log.scores[space.key(c)][steps[-1][0]] for name, c in chosen.items()}
     pareto = _pareto(recipe, space, ev, log, chosen, scores, heldout, steps[0][0], loaded.description)
     return SearchOutcome(space, chosen, kl, pareto, sens, ev)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def search_starts(space: Space, limits: dict, error, uniform: list) -> list:

@@ -86,7 +86,7 @@ def test_a_ladder_writes_a_rung_per_budget_that_the_picker_chooses_from(project)
     assert (run / "pareto.png").is_file() and "# Model ladder" in (run / "report.md").read_text()
 
 
-def test_candidate_models_each_rung_from_the_one_with_the_fewest_bits_per_byte(project):
+def test_candidate_models_each_rung_from_the_one_with_the_fewest_bits_per_byte(project, capfd):
     """A second source model (more layers, a larger vocabulary, so other tokens): a rung only the first can reach
     comes from it; a rung both reach comes from the one whose choice has the fewest bits per byte."""
     save_tiny_folder(project / "model-b", texts=[synthetic_text(s) for s in range(3)], vocab_size=400,
@@ -97,6 +97,7 @@ def test_candidate_models_each_rung_from_the_one_with_the_fewest_bits_per_byte(p
     data["model"]["candidates"] = [{"source": "hf", "path": "model-b"}]
     open(path, "w").write(yaml.safe_dump(data))
     assert main(["run", path]) == 0
+    assert "budget tight: out of model-b's reach (its smallest: file 0.1 MB); not searched" in capfd.readouterr().err
     run = next((project / "runs").glob("candidates-*"))
     ladder = json.loads((run / "ladder.json").read_text())
     assert set(ladder["models"]) >= {r["model"] for r in ladder["rungs"]}
