@@ -19,7 +19,7 @@ import numpy as np
 from . import console
 from .artifacts import BudgetPoint, ModelInfo, Pareto, Scores, Sensitivities
 from .config.recipe import Recipe
-from .model.structure import TABLE, Structure, quant_format
+from .model.structure import KV_BYTES, TABLE, Structure, quant_format
 from .model.space import FIGURE, Candidate, Space, build_space, source_formats
 
 # A rung's search stops once its model is this close to the original (KL on calibration tokens): on SmolLM2 an
@@ -29,9 +29,10 @@ LABELS = {"max_file_mb": "file", "max_memory_mb": "peak memory", "max_decode_ms"
 UNITS = {"max_file_mb": "MB", "max_memory_mb": "MB", "max_decode_ms": "ms/token"}
 
 
-def calibration_for(recipe: Recipe, info: ModelInfo, always: bool = False):
-    """The target's memory and decode calibration (measured once per target, model shape and context, cached),
-    when a budget limits memory or decode time or `always`; else None."""
+def calibration_for(recipe: Recipe, info: ModelInfo, always: bool = False, smallest_kv: bool = False):
+    """The target's memory and decode calibration (measured once per target, model shape, context and KV
+    precision, cached), when a budget limits memory or decode time or `always`; else None. `smallest_kv`: only
+    the search's smallest KV precision, all the reachability check needs."""
     spec = recipe.budget
     limits = [limits.limits() for _, limits in spec.rungs()]
     if not always and not any(k in lim for lim in limits for k in ("max_memory_mb", "max_decode_ms")):
@@ -39,7 +40,9 @@ def calibration_for(recipe: Recipe, info: ModelInfo, always: bool = False):
     from .measure.footprint import calibration, resolve_target
 
     target = resolve_target(spec.target, recipe.validate_.targets)
-    return calibration(info, target, spec.context, recipe.validate_.latency.threads)
+    kvs = sorted(spec.search.kv_precisions, key=KV_BYTES.get, reverse=True)
+    return calibration(info, target, spec.context, recipe.validate_.latency.threads,
+                       tuple(kvs[-1:] if smallest_kv else kvs))
 
 
 def budget_space(recipe: Recipe, info: ModelInfo, gguf: Path | None, calibration=None) -> Space:
@@ -65,7 +68,7 @@ def budget_problems(recipe: Recipe, infos: dict[str, ModelInfo]) -> list[str]:
     for key, info in infos.items():
         m = sources[key]
         space = budget_space(recipe.for_source(m), info, source_gguf(m.source, m.name, m.path),
-                             calibration_for(recipe, info))
+                             calibration_for(recipe, info, smallest_kv=True))
         small = space.smallest()
         who = f"{key}: " if len(infos) > 1 else ""
         reach[key] = (space.footprint(small), who + space.describe(small))

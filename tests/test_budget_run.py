@@ -50,6 +50,17 @@ def test_an_impossible_budget_exits_2_with_the_smallest_figure_and_leaves_no_fol
     assert not (project / "runs").exists() or not any((project / "runs").iterdir())
 
 
+def test_an_impossible_memory_budget_is_checked_on_the_smallest_kv_precision_alone(project, capsys, tmp_path,
+                                                                                 monkeypatch):
+    """The check needs only the smallest structure, so only its KV precision is calibrated before exiting 2."""
+    monkeypatch.setenv("SLIMFORMER_HOME", str(tmp_path / "home"))
+    assert main(["run", recipe(project, "impossible-memory", {"max_memory_mb": 1})]) == 2
+    err = capsys.readouterr().err
+    assert "budget.max_memory_mb: 1 MB is below the smallest peak memory this search can reach" in err
+    keys = [json.loads(p.read_text()) for p in (tmp_path / "home" / "footprint").glob("*/key.json")]
+    assert [k["kv"] for k in keys] == ["fp16"]
+
+
 def test_a_memory_budget_writes_the_chosen_model_and_its_predicted_and_measured_footprint(project):
     assert main(["run", recipe(project, "memory", {"max_file_mb": 0.3, "max_memory_mb": 400})]) == 0
     run = next((project / "runs").glob("memory-*"))

@@ -41,24 +41,33 @@ FILES = {"4-bit": (4, 32, "symmetric", 4, "symmetric", False),
 FLOORS = {"kv_mib": 1.0}
 
 
-def calibration(info: ModelInfo, target, context: int, threads: int) -> FootprintCalibration:
-    """The target's calibration for this model shape and context, measured on first use."""
+def calibration(info: ModelInfo, target, context: int, threads: int,
+                kv_dtypes: tuple[str, ...] = tuple(KV_BYTES)) -> FootprintCalibration:
+    """The target's calibration for this model shape and context, each KV precision of `kv_dtypes` measured on
+    first use and cached on its own (the budget check measures only the smallest one it needs)."""
+    import onnxruntime
+
+    parts = [_precision(info, target, context, threads, kv) for kv in kv_dtypes]
+    return fit([p for c in parts for p in c.points], target.name, context, threads, onnxruntime.__version__,
+               sum(c.seconds for c in parts))
+
+
+def _precision(info: ModelInfo, target, context: int, threads: int, kv: str) -> FootprintCalibration:
+    """One KV precision's measured points (fitted on read: the points are the measurement)."""
     import onnxruntime
 
     shape = {k: v for k, v in info.to_json().items() if k != "source"}
     key = {"target": target.model_dump(mode="json"), "shape": shape, "context": context, "threads": threads,
-           "onnxruntime": onnxruntime.__version__, "runner": sha256_file(RUNNER), "files": FILES, "kv": list(KV_BYTES)}
+           "onnxruntime": onnxruntime.__version__, "runner": sha256_file(RUNNER), "files": FILES, "kv": kv}
     folder = home() / "footprint" / sha256_json(key)[:20]
-    if (folder / FootprintCalibration.filename).is_file():  # refitted: the points are the measurement
-        c = FootprintCalibration.read(folder)
-        return fit(list(c.points), c.target, c.context, c.threads, c.onnxruntime, c.seconds)
+    if (folder / FootprintCalibration.filename).is_file():
+        return FootprintCalibration.read(folder)
     console.say(f"budget: measuring {target.name}'s memory and decode time for this model shape at {context} "
-                "tokens (once; cached) ...")
+                f"tokens with an {kv} KV cache (once; cached) ...")
     start = time.perf_counter()
-    runs = [(label, spec, kv) for kv in KV_BYTES for label, spec in FILES.items()]
     with tempfile.TemporaryDirectory(prefix="slimformer-footprint-") as tmp:
         points = [_measure(info, label, calibration_structure(info, *spec, kv), target, context, threads, Path(tmp))
-                  for label, spec, kv in console.progress(runs, desc="calibration", total=len(runs))]
+                  for label, spec in console.progress(FILES.items(), desc="calibration", total=len(FILES))]
     result = fit(points, target.name, context, threads, onnxruntime.__version__, time.perf_counter() - start)
     with staged_folder(folder) as work:
         result.write(work)
