@@ -40,9 +40,9 @@ def calibration_for(recipe: Recipe, info: ModelInfo, always: bool = False, small
     from .measure.footprint import calibration, resolve_target
 
     target = resolve_target(spec.target, recipe.validate_.targets)
-    kvs = sorted(spec.search.kv_precisions, key=KV_BYTES.get, reverse=True)
+    kvs = spec.search.kv_precisions
     return calibration(info, target, spec.context, recipe.validate_.latency.threads,
-                       tuple(kvs[-1:] if smallest_kv else kvs))
+                       (min(kvs, key=KV_BYTES.get),) if smallest_kv else tuple(kvs))
 
 
 def budget_space(recipe: Recipe, info: ModelInfo, gguf: Path | None, calibration=None) -> Space:
